@@ -1,0 +1,68 @@
+"""Calibration sources: whatever the user passed as `calib=`, as a `forward_loop()` callable."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def as_forward_loop(calib, obj, model: nn.Module, *, passes: int = 1) -> Callable[[], None]:
+    """A no-argument callable that runs calibration data through the model.
+
+    calib: a callable `forward_loop(obj)`; or an iterable of model inputs, each a tensor
+    (`model(x)`), a tuple/list (`model(*args)`) or a dict (`model(**kwargs)`). Tensors are moved to
+    the model's device. `passes` > 1 means the loop will be called that many times, so a one-shot
+    iterator is materialised first.
+    """
+    if callable(calib) and not isinstance(calib, nn.Module):
+        return lambda: calib(obj)
+    if isinstance(calib, (str, bytes)) or _is_prompt_list(calib):
+        raise TypeError("calibration prompts need a diffusers pipeline (vqz.quantize(pipe, ...)); "
+                        "for a plain module pass model inputs or a forward_loop(model) callable")
+    if isinstance(calib, torch.Tensor) or not isinstance(calib, Iterable):
+        raise TypeError(f"calib must be a forward_loop callable or an iterable of model inputs "
+                        f"(tensors, tuples or dicts), got {type(calib).__name__}; to use one "
+                        f"tensor as one batch, pass [tensor]")
+    if passes > 1 and iter(calib) is calib:
+        calib = list(calib)
+    device = _device_of(model)
+
+    def loop():
+        count = 0
+        for batch in tqdm(calib, desc="vqz calibration", unit="batch", leave=False):
+            _call(model, batch, device)
+            count += 1
+        if count == 0:
+            raise ValueError("the calibration data is empty; pass at least one input batch")
+    return loop
+
+
+def _is_prompt_list(calib) -> bool:
+    return isinstance(calib, (list, tuple)) and len(calib) > 0 and all(isinstance(p, str) for p in calib)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _to(x, device):
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def _call(model: nn.Module, batch, device) -> None:
+    if isinstance(batch, torch.Tensor):
+        model(batch.to(device))
+    elif isinstance(batch, Mapping):
+        model(**{k: _to(v, device) for k, v in batch.items()})
+    elif isinstance(batch, (tuple, list)):
+        model(*[_to(v, device) for v in batch])
+    else:
+        raise TypeError(f"a calibration batch must be a tensor, a tuple/list of arguments or a dict "
+                        f"of keyword arguments, got {type(batch).__name__}")

@@ -1,0 +1,57 @@
+"""Streaming statistics of layer inputs, in bounded memory whatever the number of batches."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .observe import check_finite
+from .reservoir import RowReservoir
+
+
+class InputStats:
+    """Per-input-channel absmax (exact, running) and a uniform sample of input rows.
+
+    Inputs are viewed as rows [-1, K] with K the last dim (Linear inputs).
+    """
+
+    def __init__(self, max_rows: int = 2048, seed: int = 0):
+        self.absmax: torch.Tensor | None = None
+        self.rows = RowReservoir(max_rows, seed)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        amax = x.abs().amax(dim=0)
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        self.rows.add(x)
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return self.rows.sample
+
+
+def collect_input_stats(model: nn.Module, names: list[str], forward_loop: Callable[[], None],
+                        max_rows: int = 2048) -> dict[str, InputStats]:
+    """Run the loop once and return {layer name: InputStats of its input} for the named layers."""
+    stats = {name: InputStats(max_rows) for name in names}
+    handles = []
+    for name in names:
+        def hook(module, args, name=name):
+            check_finite(name, args[:1])
+            stats[name].update(args[0])
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward_loop()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    missing = sorted(n for n, s in stats.items() if s.absmax is None)
+    if missing:
+        raise ValueError(f"calibration never ran layer(s) {missing[:10]}; give calibration inputs "
+                         f"that reach them, or exclude them (exclude=[...])")
+    return stats

@@ -1,0 +1,8 @@
+"""Model-family adapters: which layers to keep in full precision, UNet split points, calibration.
+
+`adapter_for(model)` picks the adapter of a model's family; any model no adapter claims gets the
+generic one (every Linear and Conv2d, no default exclusions).
+"""
+from .base import Adapter, adapter_for, register_adapter
+
+__all__ = ["Adapter", "adapter_for", "register_adapter"]

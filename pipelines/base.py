@@ -1,0 +1,38 @@
+"""The adapter interface and the registry that maps a model to its family's adapter."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """What vqz knows about one model family.
+
+    claims(model): whether this adapter applies. default_rules: LayerRules applied before the user's
+    (e.g. keep embeddings and final projections in 16-bit, each with its reason in `notes`).
+    splits(model): {Conv2d name: input-channel split points} for split-shortcut quantization.
+    """
+
+    name: str
+    claims: Callable[[nn.Module], bool]
+    default_rules: tuple = ()
+    notes: dict = field(default_factory=dict)
+    splits: Callable[[nn.Module], dict] = lambda model: {}
+
+
+GENERIC = Adapter("generic", claims=lambda model: True)
+_ADAPTERS: list[Adapter] = []
+
+
+def register_adapter(adapter: Adapter) -> None:
+    _ADAPTERS.append(adapter)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    for adapter in _ADAPTERS:
+        if adapter.claims(model):
+            return adapter
+    return GENERIC

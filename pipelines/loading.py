@@ -1,0 +1,82 @@
+"""Building models from names and paths: timm names, timm model folders, local checkpoints.
+
+Every loaded model comes with a `source` record (JSON) from which `build_skeleton` rebuilds the same
+architecture without weights, so a quantized checkpoint can be loaded back.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCE_NAME = "vqz_model.json"
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError as e:
+        raise ImportError("timm models need the vision extra: pip install 'vqz[vision]'") from e
+    return timm
+
+
+def load_model(model: str, checkpoint: str | None = None) -> tuple[nn.Module, dict]:
+    """(module in eval mode, source record) for a timm model name or a timm model folder.
+
+    A timm name whose pretrained weights cannot be downloaded gets random weights and a warning;
+    `checkpoint` (a .safetensors, .pt or .pth state dict) then supplies real ones.
+    """
+    timm = _timm()
+    path = Path(model)
+    if path.exists():
+        config = path / "config.json"
+        if not (config.is_file() and "architecture" in json.loads(config.read_text())):
+            raise ValueError(f"{path} is not a timm model folder (a config.json with an "
+                             f"'architecture' and its weights); diffusers folders are not supported "
+                             f"by this command yet")
+        net = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True)
+        source = {"source": "timm-folder", "path": str(path.resolve())}
+    else:
+        if not timm.list_models(model.split(".")[0]):
+            raise ValueError(f"unknown model {model!r}: neither an existing path nor a timm model name "
+                             f"(see timm.list_models())")
+        source = {"source": "timm", "name": model}
+        try:
+            net = timm.create_model(model, pretrained=checkpoint is None)
+        except Exception as e:  # no network, no weights for this tag, ...
+            warnings.warn(f"could not load pretrained weights for {model!r} ({type(e).__name__}: "
+                          f"{str(e)[:200]}); using random initialisation — pass --checkpoint for "
+                          f"real weights", stacklevel=2)
+            net = timm.create_model(model, pretrained=False)
+    if checkpoint is not None:
+        net.load_state_dict(read_state_dict(checkpoint))
+        source["checkpoint"] = str(Path(checkpoint).resolve())
+    return net.eval(), source
+
+
+def read_state_dict(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+
+
+def build_skeleton(source: dict) -> nn.Module:
+    """The architecture a source record names, with tensors on the meta device (no weights)."""
+    timm = _timm()
+    with torch.device("meta"):
+        if source["source"] == "timm":
+            return timm.create_model(source["name"], pretrained=False).eval()
+        if source["source"] == "timm-folder":
+            config = json.loads((Path(source["path"]) / "config.json").read_text())
+            return timm.create_model(config["architecture"], pretrained=False,
+                                     num_classes=config.get("num_classes", 1000),
+                                     **config.get("model_args", {})).eval()
+    raise ValueError(f"unknown model source {source.get('source')!r} in {SOURCE_NAME}")

@@ -1,0 +1,12 @@
+"""vqz: 8- and 4-bit quantization of diffusion pipelines and vision models.
+
+    import vqz
+    vqz.quantize(model_or_pipe, "w4a4-svd", calib=...)
+    vqz.summary(model_or_pipe); vqz.save(model, "q.safetensors"); vqz.load(skeleton, "q.safetensors")
+"""
+from .api import quantize, summary
+from .config import LayerRule, QuantConfig, QuantSpec, presets
+from .io import load, save
+
+__version__ = "0.1.0"
+__all__ = ["quantize", "summary", "save", "load", "presets", "QuantConfig", "QuantSpec", "LayerRule"]

@@ -1,0 +1,147 @@
+"""The one-call entry points: vqz.quantize and vqz.summary."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms.build import quantize_layer
+from .calib import as_forward_loop, observe_layers
+from .calib.stats import collect_input_stats
+from .config import QuantConfig, resolve_config
+from .nn import QuantModule
+from .patch import Plan, Transaction, architecture_fingerprint, module_paths, plan_layers
+from .pipelines import adapter_for
+
+STATE_ATTR = "_vqz_state"
+
+
+@dataclass
+class QuantState:
+    """What vqz.quantize did to a model; kept on the quantized module for summary/save."""
+
+    config: QuantConfig
+    plan: Plan
+    fingerprint: str  # of the full-precision architecture
+    architecture: str  # its class name
+
+
+def resolve_target(obj) -> nn.Module:
+    """The module to quantize: `obj` itself, or a diffusers pipeline's denoiser."""
+    if isinstance(obj, nn.Module):
+        return obj
+    if hasattr(obj, "components"):
+        for attr in ("transformer", "unet"):
+            denoiser = getattr(obj, attr, None)
+            if isinstance(denoiser, nn.Module):
+                return denoiser
+        raise TypeError(f"the pipeline {type(obj).__name__} has no .transformer or .unet to quantize")
+    raise TypeError(f"vqz needs a torch.nn.Module or a diffusers pipeline, got {type(obj).__name__}")
+
+
+def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
+    """Quantize `obj` in place and return it.
+
+    obj: an nn.Module or a diffusers pipeline (its denoiser is quantized). config: a preset name
+    (`vqz.presets()`), a QuantConfig or its dict; `overrides` change its fields (rank=16,
+    group_size=128, exclude=["*proj_out*"]). calib: None, an iterable of model inputs (tensor,
+    tuple of args or dict of kwargs per batch), or a callable forward_loop(obj).
+    If anything fails, `obj` is left exactly as it was.
+    """
+    target = resolve_target(obj)
+    cfg = resolve_config(config, **overrides)
+    if getattr(target, STATE_ATTR, None) is not None:
+        raise ValueError("this model is already quantized; quantize a fresh copy of the "
+                         "full-precision model")
+    adapter = adapter_for(target)
+    plan = plan_layers(target, cfg, adapter.default_rules, adapter.splits(target))
+    if not plan.layers:
+        raise ValueError(f"no layer of {type(target).__name__} was selected for quantization "
+                         f"(supported: Linear, Conv2d); check the config's rules and exclude")
+    smoothed = [p.name for p in plan.layers if p.smooth]
+    static = any(p.act is not None and not p.act.dynamic for p in plan.layers)
+    if (smoothed or static) and calib is None:
+        why = "static activation scales" if static else "smoothing"
+        raise ValueError(f"config {cfg.name!r} uses {why} and needs calibration data: pass "
+                         f"calib= (model inputs or a forward_loop callable), or use a preset with "
+                         f"dynamic activations such as 'w8a8' or 'w4a4'")
+    loop = None if calib is None else as_forward_loop(calib, obj, target,
+                                                      passes=bool(smoothed) + static)
+    state = QuantState(cfg, plan, architecture_fingerprint(target), type(target).__name__)
+    tx = Transaction(target)
+    try:
+        stats = collect_input_stats(target, smoothed, loop) if smoothed else {}
+        paths = module_paths(target)
+        built = {}
+        for layer_plan in tqdm(plan.layers, desc="vqz quantize", unit="layer", leave=False):
+            original = target.get_submodule(layer_plan.name)
+            new = quantize_layer(original, layer_plan, cfg, stats.pop(layer_plan.name, None))
+            new.train(original.training)
+            for path in paths[id(original)]:
+                tx.swap(path, new)
+            built[layer_plan.name] = new
+        if static:
+            target.eval()
+            observe_layers(built, loop)
+        tx.restore_modes()
+        setattr(target, STATE_ATTR, state)
+    except BaseException:
+        tx.rollback()
+        raise
+    return obj
+
+
+def quant_state(obj) -> QuantState:
+    state = getattr(resolve_target(obj), STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model is not quantized by vqz; call vqz.quantize (or vqz.load) first")
+    return state
+
+
+class Summary(list):
+    """Rows of vqz.summary, printed as a table."""
+
+    COLUMNS = ("name", "type", "weight", "act", "group", "rank", "calib", "status")
+
+    def __str__(self) -> str:
+        cells = [self.COLUMNS] + [tuple(str(row[c]) for c in self.COLUMNS) for row in self]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.COLUMNS))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def summary(obj) -> Summary:
+    """One row per layer with weights: quantized ones with their formats, group, rank and the
+    calibration statistic of their activations; full-precision ones with the reason."""
+    state = quant_state(obj)
+    rows = Summary()
+    for p in state.plan.layers:
+        groups = {s.group_size for s in (p.weight, p.act) if s is not None and s.group_size}
+        rows.append({
+            "name": p.name, "type": p.kind, "weight": _describe(p.weight), "act": _describe(p.act),
+            "group": "/".join(str(g) for g in sorted(groups)) or "-", "rank": p.rank,
+            "calib": _statistic(p.act), "status": "quantized"})
+    for s in state.plan.skipped:
+        rows.append({"name": s.name, "type": s.kind, "weight": "-", "act": "-", "group": "-",
+                     "rank": 0, "calib": "-", "status": f"full precision: {s.reason}"})
+    return rows
+
+
+def _describe(spec) -> str:
+    if spec is None:
+        return "-"
+    side = "" if spec.symmetric else " asym"
+    return f"{spec.format} per-{spec.granularity}{side}"
+
+
+def _statistic(spec) -> str:
+    if spec is None:
+        return "-"
+    if spec.dynamic:
+        return "dynamic"
+    return f"percentile {spec.percentile}" if spec.observer == "percentile" else spec.observer
+
+
+def quantized_layers(obj) -> dict[str, QuantModule]:
+    target = resolve_target(obj)
+    return {n: m for n, m in target.named_modules() if isinstance(m, QuantModule)}

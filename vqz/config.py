@@ -1,0 +1,287 @@
+"""Quantization configs: what format each layer's weights and activations get.
+
+`QuantSpec` describes one quantizer (format, granularity, scale source, observer); `QuantConfig`
+is a whole recipe (weight and activation specs, low-rank branch, smoothing, layer rules) and is what
+the presets are. Both are validated on construction and round-trip through JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field, fields, replace
+
+from . import formats
+
+CONFIG_VERSION = 1
+GRANULARITIES = ("tensor", "channel", "token", "group")
+OBSERVERS = ("minmax", "percentile", "mse")
+SUPPORTED_LAYER_TYPES = ("Linear", "Conv2d")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One quantizer.
+
+    format: a name `formats.get_format` knows ("int8", "int4", "e4m3", "e2m1", "nf4", "nvfp4", ...).
+    granularity: "tensor" (one scale), "channel" (one per index along `axis`), "token" (one per row,
+        reducing over the last dim; dynamic only) or "group" (one per `group_size` run of the last
+        dim; a last partial group is padded with zeros, so any channel count works).
+    symmetric: zero point fixed at 0; False gives an asymmetric integer range (INT formats only).
+    dynamic: scales computed from each input on the fly instead of calibrated once.
+    observer: how static scales are chosen: "minmax", "percentile" (of |x|) or "mse" (Lp-error
+        grid search over clipping ratios, p = `lp`).
+    learnable: scale and offset become trainable parameters (LSQ+) for QAT.
+    """
+
+    format: str = "int8"
+    granularity: str = "tensor"
+    group_size: int | None = None
+    symmetric: bool = True
+    dynamic: bool = False
+    observer: str = "minmax"
+    percentile: float = 99.99
+    lp: float = 2.0
+    axis: int = 0
+    learnable: bool = False
+
+    def __post_init__(self):
+        fmt = formats.get_format(self.format)  # raises ValueError for unknown names and bad bits
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity {self.granularity!r} is not one of {GRANULARITIES}")
+        block = getattr(fmt, "block_size", None)
+        if block is not None:
+            if self.granularity == "tensor" and self.group_size is None:
+                object.__setattr__(self, "granularity", "group")
+            if self.granularity != "group" or self.group_size not in (None, block):
+                raise ValueError(
+                    f"{self.format} is a block format with blocks of {block}; use "
+                    f"granularity='group' and group_size={block} (or leave both unset)")
+            object.__setattr__(self, "group_size", block)
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) \
+                    or self.group_size < 1:
+                raise ValueError(
+                    f"granularity='group' needs a positive integer group_size, got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size is only used with granularity='group' "
+                             f"(got granularity={self.granularity!r}); drop it or switch to 'group'")
+        if self.granularity == "token" and not self.dynamic:
+            raise ValueError("granularity='token' needs dynamic=True: the number of tokens changes "
+                             "from input to input, so per-token scales cannot be calibrated once")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"observer {self.observer!r} is not one of {OBSERVERS}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.lp <= 0:
+            raise ValueError(f"lp must be positive, got {self.lp}")
+        if not self.symmetric and not isinstance(fmt, formats.IntFormat):
+            raise ValueError(f"asymmetric quantization needs an INT format, {self.format} is not one")
+
+    @property
+    def fmt(self):
+        return formats.get_format(self.format)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantSpec:
+        return cls(**_known_keys(cls, d))
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Changes the recipe of the layers it selects. Later rules win over earlier ones.
+
+    pattern: glob on the module's qualified name ("*attn*", "blocks.0.*").
+    types: module class names ("Linear", "Conv2d"); empty matches any.
+    skip: True keeps the selected layers in full precision, False quantizes them even where an
+        earlier rule (a family adapter's default exclusion, say) skipped them; None changes nothing.
+    weight/act: replacement specs (act=None with `no_act=True` keeps activations in full precision).
+    rank: low-rank branch rank for these layers.
+    """
+
+    pattern: str = "*"
+    types: tuple = ()
+    skip: bool | None = None
+    weight: QuantSpec | None = None
+    act: QuantSpec | None = None
+    no_act: bool = False
+    rank: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "types", tuple(self.types))
+        bad = [t for t in self.types if t not in SUPPORTED_LAYER_TYPES]
+        if bad:
+            raise ValueError(f"rule types {bad} cannot be quantized; supported layer types are "
+                             f"{SUPPORTED_LAYER_TYPES}")
+        for name in ("weight", "act"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, QuantSpec.from_dict(value))
+        if self.rank is not None and self.rank < 0:
+            raise ValueError(f"rank must be >= 0, got {self.rank}")
+
+    def matches(self, name: str, type_name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern) and (not self.types or type_name in self.types)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["types"] = list(self.types)
+        return d
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A whole quantization recipe.
+
+    weight/act: the default specs (act=None: weight-only).
+    rank: rank of the 16-bit low-rank branch (0: none). smooth: per-input-channel smoothing
+    (alpha=None searches alpha per layer). gptq: GPTQ on the (residual) weights.
+    exclude: globs of module names kept in full precision. rules: per-layer changes.
+    """
+
+    name: str = "custom"
+    weight: QuantSpec | None = field(default_factory=lambda: QuantSpec("int8", "channel"))
+    act: QuantSpec | None = None
+    rank: int = 0
+    smooth: bool = False
+    alpha: float | None = None
+    gptq: bool = False
+    svd_iters: int = 1
+    exclude: tuple = ()
+    rules: tuple = ()
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        for name in ("weight", "act"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, QuantSpec.from_dict(value))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "rules", tuple(
+            LayerRule(**r) if isinstance(r, dict) else r for r in self.rules))
+        if self.version > CONFIG_VERSION:
+            raise ValueError(f"config version {self.version} is newer than this vqz understands "
+                             f"({CONFIG_VERSION}); upgrade vqz")
+        if self.weight is None and self.act is None:
+            raise ValueError("a config needs a weight spec, an activation spec, or both")
+        if self.weight is not None and self.weight.granularity == "token":
+            raise ValueError("weights cannot use granularity='token'; use 'channel' or 'group'")
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"rank must be an integer >= 0, got {self.rank!r}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.svd_iters < 1:
+            raise ValueError(f"svd_iters must be >= 1, got {self.svd_iters}")
+        if self.rank and self.weight is None:
+            raise ValueError("a low-rank branch (rank > 0) needs a weight spec")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when some activation scales are static (must be calibrated) or an algorithm needs
+        activation statistics (smoothing with alpha search, GPTQ)."""
+        specs = [self.act] + [r.act for r in self.rules if r.skip is not True]
+        return any(s is not None and not s.dynamic for s in specs) or self.smooth or self.gptq
+
+    def with_overrides(self, **overrides) -> QuantConfig:
+        """A copy with fields changed. `group_size=g` sets the group size of every group-wise spec."""
+        group_size = overrides.pop("group_size", None)
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown config override(s) {unknown}; valid ones are "
+                             f"{sorted(known | {'group_size'})}")
+        cfg = replace(self, **overrides)
+        if group_size is not None:
+            cfg = replace(cfg, weight=_regroup(cfg.weight, group_size), act=_regroup(cfg.act, group_size))
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["exclude"] = list(self.exclude)
+        d["rules"] = [r.to_dict() for r in self.rules]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        return cls(**_known_keys(cls, d))
+
+
+def _regroup(spec: QuantSpec | None, group_size: int) -> QuantSpec | None:
+    if spec is None or spec.granularity != "group":
+        return spec
+    if getattr(spec.fmt, "block_size", None) is not None:
+        raise ValueError(f"{spec.format} has a fixed block size of {spec.fmt.block_size}; "
+                         f"group_size cannot change it")
+    return replace(spec, group_size=group_size)
+
+
+def _known_keys(cls, d: dict) -> dict:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; valid fields are {sorted(known)}")
+    return dict(d)
+
+
+def _int_w(bits, group=None, observer="mse"):
+    if group is None:
+        return QuantSpec(f"int{bits}", "channel", observer=observer)
+    return QuantSpec(f"int{bits}", "group", group, observer=observer)
+
+
+def _dyn_a(fmt, group=None):
+    if group is None:
+        return QuantSpec(fmt, "token", dynamic=True)
+    return QuantSpec(fmt, "group", group, dynamic=True)
+
+
+_PRESETS = {
+    "w8a8": QuantConfig("w8a8", _int_w(8, observer="minmax"), _dyn_a("int8")),
+    "w8a8-static": QuantConfig("w8a8-static", _int_w(8, observer="minmax"),
+                               QuantSpec("int8", "tensor", symmetric=False, observer="mse")),
+    "fp8": QuantConfig("fp8", QuantSpec("e4m3", "channel"), _dyn_a("e4m3")),
+    "w4a8": QuantConfig("w4a8", _int_w(4, 64), _dyn_a("int8")),
+    "w4a4": QuantConfig("w4a4", _int_w(4, 64), _dyn_a("int4", 64)),
+    "w4a16": QuantConfig("w4a16", _int_w(4, 128), None),
+    "w4a4-svd": QuantConfig("w4a4-svd", _int_w(4, 64), _dyn_a("int4", 64), rank=32, smooth=True),
+    "nvfp4-svd": QuantConfig("nvfp4-svd", QuantSpec("nvfp4", observer="minmax"),
+                             QuantSpec("nvfp4", dynamic=True), rank=32, smooth=True),
+}
+
+PRESET_DESCRIPTIONS = {
+    "w8a8": "INT8 weights per output channel, INT8 activations per token (dynamic)",
+    "w8a8-static": "INT8 weights per output channel, INT8 activations per tensor (calibrated)",
+    "fp8": "FP8 E4M3 weights per output channel, FP8 E4M3 activations per token (dynamic)",
+    "w4a8": "INT4 weights in groups of 64 (MSE-searched scales), INT8 activations per token",
+    "w4a4": "INT4 weights and activations in groups of 64 (round to nearest)",
+    "w4a16": "INT4 weights in groups of 128, activations in full precision",
+    "w4a4-svd": "SVDQuant: smoothing + rank-32 16-bit branch, INT4 group-64 weights and activations",
+    "nvfp4-svd": "SVDQuant with NVFP4 (E2M1, blocks of 16, E4M3 scales) weights and activations",
+}
+
+
+def presets() -> list[str]:
+    """Names of the built-in presets."""
+    return list(_PRESETS)
+
+
+def get_preset(name: str) -> QuantConfig:
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; the presets are: {', '.join(_PRESETS)}")
+    return _PRESETS[name]
+
+
+def resolve_config(config, **overrides) -> QuantConfig:
+    """A preset name or a QuantConfig (or its dict), with overrides applied."""
+    if isinstance(config, str):
+        cfg = get_preset(config)
+    elif isinstance(config, QuantConfig):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = QuantConfig.from_dict(config)
+    else:
+        raise TypeError(f"config must be a preset name, a vqz.QuantConfig or a dict, "
+                        f"got {type(config).__name__}")
+    return cfg.with_overrides(**overrides) if overrides else cfg

@@ -1,0 +1,102 @@
+"""QuantLinear: y = Q(x / λ) Q(R)ᵀ + ((x / λ) L1) L2 + b."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import QuantSpec
+from ..kernels import linear_impl
+from ..quantizer import Quantizer
+from .base import QuantModule
+from .weight import QuantWeight
+
+
+class QuantLinear(QuantModule):
+    """A linear layer with quantized weights and activations.
+
+    Weight `qweight`: the quantized [N, K] matrix R (the whole smoothed weight when there is no
+    low-rank branch). `smooth` [K] (float32): per-input-channel divisor λ applied before activation
+    quantization. `lora_down` [K, r] and `lora_up` [r, N]: the 16-bit low-rank branch on x / λ.
+    With `weight_spec=None` the weight stays a float parameter `weight` (activation-only configs).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 weight_spec: QuantSpec | None, act_spec: QuantSpec | None, rank: int = 0,
+                 smooth: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_spec, self.act_spec, self.rank = weight_spec, act_spec, rank
+        factory = {"device": device, "dtype": dtype}
+        if weight_spec is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+            self.qweight = None
+        else:
+            self.qweight = QuantWeight(weight_spec, out_features, in_features, device=device)
+        self.act_quantizer = Quantizer(act_spec) if act_spec is not None else None
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_buffer("smooth", torch.ones(in_features, device=device) if smooth else None)
+        self.lora_down = nn.Parameter(torch.empty(in_features, rank, **factory)) if rank else None
+        self.lora_up = nn.Parameter(torch.empty(rank, out_features, **factory)) if rank else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, *,
+                   smooth: torch.Tensor | None = None,
+                   lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
+        """Quantize `linear`. `smooth`: λ [K]; `lowrank`: (L1 [K, r], L2 [r, N]) approximating
+        (W diag(λ))ᵀ; the weight quantizer then sees the residual R = W diag(λ) - (L1 L2)ᵀ."""
+        w = linear.weight.detach()
+        rank = 0 if lowrank is None else lowrank[0].shape[1]
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    weight_spec=weight_spec, act_spec=act_spec, rank=rank, smooth=smooth is not None,
+                    device=w.device, dtype=w.dtype)
+        residual = w.float()
+        if smooth is not None:
+            layer.smooth.copy_(smooth)
+            residual = residual * smooth.float()
+        if lowrank is not None:
+            l1, l2 = lowrank
+            layer.lora_down.data.copy_(l1)
+            layer.lora_up.data.copy_(l2)
+            # Subtract the branch as stored (in the layer's dtype), so Q(R) corrects its rounding.
+            residual = residual - (layer.lora_down.float() @ layer.lora_up.float()).T
+        if weight_spec is None:
+            if smooth is not None or lowrank is not None:
+                raise ValueError("smoothing and a low-rank branch need a weight spec")
+            layer.weight.data.copy_(w)
+        else:
+            layer.qweight = QuantWeight.from_float(residual, weight_spec)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.smooth is None else x / self.smooth.to(x.dtype)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """Q(R) [N, K] (or the float weight for activation-only configs)."""
+        return self.weight.to(dtype) if self.qweight is None else self.qweight(dtype)
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.act_quantizer is not None and not self.act_quantizer.spec.dynamic:
+            self.act_quantizer.observe(self.smoothed(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = linear_impl(self, x)
+        if fused is not None:
+            return fused(self, x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pure-torch definition every kernel is tested against."""
+        xs = self.smoothed(x)
+        xq = self.act_quantizer(xs) if self.act_quantizer is not None and self.act_enabled else xs
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(xq, self.dequantized_weight(x.dtype), bias)
+        if self.lora_down is not None:
+            y = y + (xs @ self.lora_down.to(x.dtype)) @ self.lora_up.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, rank={self.rank}, smooth={self.smooth is not None}")

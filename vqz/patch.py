@@ -1,0 +1,171 @@
+"""Which layers of a model get quantized, and swapping them in and out as one transaction."""
+from __future__ import annotations
+
+import hashlib
+import json
+from fnmatch import fnmatchcase
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .config import LayerRule, QuantConfig, QuantSpec
+from .nn import QuantModule
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The recipe for one layer, as decided from the config and its rules."""
+
+    name: str
+    kind: str  # "Linear" or "Conv2d"
+    weight: QuantSpec | None
+    act: QuantSpec | None
+    rank: int = 0
+    smooth: bool = False
+    splits: tuple = ()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["splits"] = list(self.splits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerPlan:
+        d = dict(d)
+        for key in ("weight", "act"):
+            d[key] = QuantSpec.from_dict(d[key]) if d[key] is not None else None
+        d["splits"] = tuple(d["splits"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A layer with weights left in full precision, and why."""
+
+    name: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """"Linear" or "Conv2d" for layers QuantLinear/QuantConv2d reproduce exactly, else None.
+
+    Subclasses that override forward (timm's Conv2dSame, say) and nn.MultiheadAttention's
+    out_proj (read through its weight by the attention function) are not replaceable.
+    """
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return None
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return "Linear"
+    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward \
+            and type(module)._conv_forward is nn.Conv2d._conv_forward:
+        return "Conv2d"
+    return None
+
+
+def _has_matrix_weight(module: nn.Module) -> bool:
+    return any(p.dim() >= 2 for p in module.parameters(recurse=False))
+
+
+def plan_layers(model: nn.Module, cfg: QuantConfig, default_rules: tuple = (),
+                splits: dict | None = None) -> Plan:
+    """Decide each layer's recipe. `default_rules` (a family adapter's) come before the config's
+    own rules, so the user's rules override them; `cfg.exclude` always wins. `splits` maps Conv2d
+    names to their input-channel split points."""
+    splits = splits or {}
+    rules = tuple(default_rules) + cfg.rules
+    plan = Plan()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            raise ValueError(f"layer {name!r} is already quantized; quantize a fresh copy of the "
+                             f"full-precision model")
+        kind = layer_kind(module)
+        if kind is None:
+            if _has_matrix_weight(module) and not _inside_planned(name, plan):
+                plan.skipped.append(Skipped(name, type(module).__name__, "unsupported layer type"))
+            continue
+        recipe = _apply_rules(name, kind, cfg, rules)
+        if isinstance(recipe, str):
+            plan.skipped.append(Skipped(name, kind, recipe))
+            continue
+        plan.layers.append(LayerPlan(name, kind, splits=tuple(splits.get(name, ())), **recipe))
+    return plan
+
+
+def _inside_planned(name: str, plan: Plan) -> bool:
+    # Parameters of a skipped parent are reported once, at the parent.
+    return any(name.startswith(s.name + ".") for s in plan.skipped if s.name)
+
+
+def _apply_rules(name: str, kind: str, cfg: QuantConfig, rules: tuple[LayerRule, ...]):
+    """The layer's recipe as a dict of LayerPlan fields, or the reason it stays in full precision."""
+    weight, act, rank, skip = cfg.weight, cfg.act, cfg.rank, None
+    for rule in rules:
+        if not rule.matches(name, kind):
+            continue
+        if rule.skip is not None:
+            skip = rule.skip
+        weight = rule.weight or weight
+        act = None if rule.no_act else (rule.act or act)
+        rank = rank if rule.rank is None else rule.rank
+    if skip:
+        return "excluded by a rule"
+    if any(fnmatchcase(name, pattern) for pattern in cfg.exclude):
+        return "excluded"
+    if kind == "Conv2d":
+        if weight is None:
+            return "activation-only configs quantize Linear layers only"
+        return {"weight": weight, "act": act}
+    return {"weight": weight, "act": act, "rank": rank, "smooth": cfg.smooth}
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """All names under which each module is reachable (a shared module has several)."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return paths
+
+
+def architecture_fingerprint(model: nn.Module) -> str:
+    """A hash of the module tree (names, classes, tensor shapes): two models with the same
+    fingerprint accept each other's checkpoints."""
+    items = [(n, type(m).__name__) for n, m in model.named_modules()]
+    items += [(n, list(t.shape)) for n, t in model.state_dict(keep_vars=True).items()]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+class Transaction:
+    """Swaps submodules and remembers how to put everything back.
+
+    Originals are never modified, so a rollback restores the model exactly. Training flags are
+    restored on commit too, since calibration runs the model in eval mode.
+    """
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.swaps: list[tuple[str, nn.Module]] = []
+        self.training = {m: m.training for m in root.modules()}
+
+    def swap(self, name: str, new: nn.Module) -> None:
+        parent_name, _, attr = name.rpartition(".")
+        parent = self.root.get_submodule(parent_name)
+        self.swaps.append((name, getattr(parent, attr)))
+        setattr(parent, attr, new)
+
+    def rollback(self) -> None:
+        for name, old in reversed(self.swaps):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(self.root.get_submodule(parent_name), attr, old)
+        self.swaps.clear()
+        self.restore_modes()
+
+    def restore_modes(self) -> None:
+        for module, training in self.training.items():
+            module.training = training

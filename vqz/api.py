@@ -77,7 +77,6 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
         for layer_plan in tqdm(plan.layers, desc="vqz quantize", unit="layer", leave=False):
             original = target.get_submodule(layer_plan.name)
             new = quantize_layer(original, layer_plan, cfg, stats.pop(layer_plan.name, None))
-            new.train(original.training)
             for path in paths[id(original)]:
                 tx.swap(path, new)
             built[layer_plan.name] = new

@@ -83,13 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, what in NOT_YET.items():
         p = sub.add_parser(name, help=f"{what} (not available yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_not_yet)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.func is not _not_yet:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:

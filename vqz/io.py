@@ -92,13 +92,13 @@ def load(obj, path):
         for layer_plan in plan.layers:
             original = target.get_submodule(layer_plan.name)
             new = empty_layer(original, layer_plan)
-            new.train(original.training)
             for p in paths[id(original)]:
                 tx.swap(p, new)
         with safe_open(str(_file(path)), framework="pt", device=_load_device(target)) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         _check_tensors(target, tensors)
         target.load_state_dict(tensors, strict=True, assign=True)
+        tx.restore_modes()
         setattr(target, STATE_ATTR, QuantState(cfg, plan, fingerprint, type(target).__name__))
     except BaseException:
         tx.rollback()

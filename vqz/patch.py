@@ -167,5 +167,8 @@ class Transaction:
         self.restore_modes()
 
     def restore_modes(self) -> None:
+        """Training flags as they were; a swapped-in module takes the flag of the one it replaced."""
         for module, training in self.training.items():
             module.training = training
+        for name, old in self.swaps:
+            self.root.get_submodule(name).train(old.training)

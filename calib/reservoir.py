@@ -1,41 +1,32 @@
-"""Uniform reservoir sampling of rows: a fixed-size, unbiased sample of an unbounded stream."""
+"""Uniform sampling of rows from an unbounded stream, in fixed memory."""
 from __future__ import annotations
 
 import torch
 
 
 class RowReservoir:
-    """Keeps at most `capacity` rows of everything passed to `add`, each row equally likely.
-
-    Vectorised algorithm R: the t-th row seen (0-based) replaces a random slot with probability
-    capacity / (t + 1). Deterministic for a given seed.
-    """
+    """Keeps a uniform sample, without replacement, of at most `capacity` of the rows passed to
+    `add`: every row gets a random key and the rows with the smallest keys are kept. Deterministic
+    for a given seed."""
 
     def __init__(self, capacity: int, seed: int = 0):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self.seen = 0
-        self._rows: torch.Tensor | None = None
-        self._gen = torch.Generator().manual_seed(seed)
+        self.capacity, self.seed = capacity, seed
+        self._rows = self._keys = self._generator = None
 
     def add(self, rows: torch.Tensor) -> None:
-        """rows: [B, K]."""
+        """rows: [B, K]; copied, so the caller may reuse their memory."""
         if self._rows is None:
-            self._rows = rows.new_empty((0, rows.shape[1]))
-        room = self.capacity - self._rows.shape[0]
-        if room > 0:
-            self._rows = torch.cat([self._rows, rows[:room]])
-            self.seen += min(room, rows.shape[0])
-            rows = rows[room:]
-        if rows.shape[0] == 0:
-            return
-        positions = torch.arange(self.seen, self.seen + rows.shape[0], dtype=torch.float64)
-        slots = (torch.rand(rows.shape[0], generator=self._gen, dtype=torch.float64)
-                 * (positions + 1)).long()
-        keep = slots < self.capacity
-        self._rows[slots[keep].to(rows.device)] = rows[keep.to(rows.device)]
-        self.seen += rows.shape[0]
+            self._generator = torch.Generator(device=rows.device).manual_seed(self.seed)
+            self._keys, self._rows = rows.new_empty(0), rows.new_empty(0, *rows.shape[1:])
+        keys = torch.cat([self._keys, torch.rand(rows.shape[0], generator=self._generator,
+                                                 device=rows.device)])
+        rows = torch.cat([self._rows, rows])
+        if keys.numel() > self.capacity:
+            keys, keep = keys.topk(self.capacity, largest=False)
+            rows = rows[keep]
+        self._keys, self._rows = keys, rows
 
     @property
     def sample(self) -> torch.Tensor:

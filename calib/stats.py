@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .observe import check_finite
+from .hooks import run_with_input_hooks
 from .reservoir import RowReservoir
 
 
@@ -35,23 +35,7 @@ def collect_input_stats(model: nn.Module, names: list[str], forward_loop: Callab
                         max_rows: int = 2048) -> dict[str, InputStats]:
     """Run the loop once and return {layer name: InputStats of its input} for the named layers."""
     stats = {name: InputStats(max_rows) for name in names}
-    handles = []
-    for name in names:
-        def hook(module, args, name=name):
-            check_finite(name, args[:1])
-            stats[name].update(args[0])
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            forward_loop()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(training)
-    missing = sorted(n for n, s in stats.items() if s.absmax is None)
-    if missing:
-        raise ValueError(f"calibration never ran layer(s) {missing[:10]}; give calibration inputs "
-                         f"that reach them, or exclude them (exclude=[...])")
+    modules = {name: model.get_submodule(name) for name in names}
+    run_with_input_hooks(modules, lambda name, m, tensors: stats[name].update(tensors[0]),
+                         forward_loop)
     return stats

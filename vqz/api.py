@@ -10,7 +10,6 @@ from .algorithms.build import quantize_layer
 from .calib import as_forward_loop, observe_layers
 from .calib.stats import collect_input_stats
 from .config import QuantConfig, resolve_config
-from .nn import QuantModule
 from .patch import Plan, Transaction, architecture_fingerprint, module_paths, plan_layers
 from .pipelines import adapter_for
 
@@ -71,6 +70,7 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
     state = QuantState(cfg, plan, architecture_fingerprint(target), type(target).__name__)
     tx = Transaction(target)
     try:
+        target.eval()  # calibration sees inference behaviour; restore_modes puts the flags back
         stats = collect_input_stats(target, smoothed, loop) if smoothed else {}
         paths = module_paths(target)
         built = {}
@@ -81,7 +81,6 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
                 tx.swap(path, new)
             built[layer_plan.name] = new
         if static:
-            target.eval()
             observe_layers(built, loop)
         tx.restore_modes()
         setattr(target, STATE_ATTR, state)
@@ -139,8 +138,3 @@ def _statistic(spec) -> str:
     if spec.dynamic:
         return "dynamic"
     return f"percentile {spec.percentile}" if spec.observer == "percentile" else spec.observer
-
-
-def quantized_layers(obj) -> dict[str, QuantModule]:
-    target = resolve_target(obj)
-    return {n: m for n, m in target.named_modules() if isinstance(m, QuantModule)}

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .calib.reservoir import RowReservoir
 from .config import QuantSpec
 from .formats import BlockCodes, IntFormat
 
@@ -136,8 +137,8 @@ class Quantizer(nn.Module):
     def _reset_stats(self) -> None:
         self._shape = None  # stored scale shape of the observed granules
         self._lo = self._hi = None  # running per-granule min and max [C]; symmetric: _hi = max|x|
-        self._samples = self._keys = None  # sampled elements [C, S] and their random keys [S]
-        self._capacity = self._generator = None
+        self._samples = None  # sampled elements [C, S]
+        self._reservoir = None
 
     @torch.no_grad()
     def _observe(self, x: Tensor, per_row: bool, keep_all: bool) -> None:
@@ -159,19 +160,11 @@ class Quantizer(nn.Module):
             self._sample(v, x.shape[-1])
 
     def _sample(self, v: Tensor, k: int) -> None:
-        """Merge the columns of v [C, M] into the reservoir: every column seen so far gets a random
-        key and the `_capacity` smallest keys are kept, a uniform sample without replacement."""
-        if self._samples is None:
-            self._generator = torch.Generator(device=v.device).manual_seed(0)
-            self._capacity = max(1, self.reservoir_rows * k // v.shape[0])
-            self._keys, self._samples = v.new_empty(0), v.new_empty(v.shape[0], 0)
-        keys = torch.rand(v.shape[1], generator=self._generator, device=v.device)
-        keys = torch.cat([self._keys, keys])
-        v = torch.cat([self._samples, v], 1)  # a copy: the caller may reuse x's memory
-        if keys.numel() > self._capacity:
-            keys, idx = keys.topk(self._capacity, largest=False)
-            v = v[:, idx]
-        self._keys, self._samples = keys, v
+        """Add the columns of v [C, M] (one element of every granule each) to the sample."""
+        if self._reservoir is None:
+            self._reservoir = RowReservoir(max(1, self.reservoir_rows * k // v.shape[0]))
+        self._reservoir.add(v.T)
+        self._samples = self._reservoir.sample.T
 
     def _clip_range(self) -> tuple[Tensor | None, Tensor]:
         """Per-granule clipping range (lo, hi) [C] chosen by the observer; symmetric: (None, max|x|)."""

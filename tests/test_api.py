@@ -255,3 +255,17 @@ def test_quantizing_twice_is_refused(mlp):
 def test_model_without_quantizable_layers():
     with pytest.raises(ValueError, match="no layer"):
         vqz.quantize(nn.Sequential(nn.ReLU()), "w8a8")
+
+
+def test_rank_larger_than_the_layer_allows(mlp, guard):
+    check = guard(mlp)
+    with pytest.raises(ValueError, match="rank.*fc1"):
+        vqz.quantize(mlp, "w4a4-svd", calib=_batches(), rank=200)  # fc1 is 128 -> 512
+    check()
+
+
+def test_preset_rank_skips_the_branch_on_layers_smaller_than_it():
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10))
+    vqz.quantize(model, "w4a4-svd", calib=[torch.randn(8, 64)])
+    assert model[0].rank == 32 and model[2].rank == 0 and model[2].lora_down is None
+    assert [r["rank"] for r in vqz.summary(model)] == [32, 0]

@@ -74,13 +74,17 @@ def _has_matrix_weight(module: nn.Module) -> bool:
 
 
 def plan_layers(model: nn.Module, cfg: QuantConfig, default_rules: tuple = (),
-                splits: dict | None = None) -> Plan:
+                splits: dict | None = None, rank_is_explicit: bool = False) -> Plan:
     """Decide each layer's recipe. `default_rules` (a family adapter's) come before the config's
     own rules, so the user's rules override them; `cfg.exclude` always wins. `splits` maps Conv2d
-    names to their input-channel split points."""
+    names to their input-channel split points.
+
+    A low-rank branch needs rank < min(N, K) to leave anything to quantize. A rank the user asked
+    for (`rank_is_explicit`, or a rule's rank) that exceeds min(N, K) is an error; a preset's
+    default rank on a layer that small just gives it no branch."""
     splits = splits or {}
     rules = tuple(default_rules) + cfg.rules
-    plan = Plan()
+    plan, too_big = Plan(), []
     for name, module in model.named_modules():
         if isinstance(module, QuantModule):
             raise ValueError(f"layer {name!r} is already quantized; quantize a fresh copy of the "
@@ -94,7 +98,17 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, default_rules: tuple = (),
         if isinstance(recipe, str):
             plan.skipped.append(Skipped(name, kind, recipe))
             continue
+        explicit = recipe.pop("rank_from_rule") or rank_is_explicit
+        if recipe.get("rank"):
+            limit = min(module.in_features, module.out_features)
+            if recipe["rank"] > limit and explicit:
+                too_big.append((name, recipe["rank"], limit))
+            elif recipe["rank"] >= limit:
+                recipe["rank"] = 0
         plan.layers.append(LayerPlan(name, kind, splits=tuple(splits.get(name, ())), **recipe))
+    if too_big:
+        raise ValueError(f"low-rank branch rank larger than the layer allows (name, rank, "
+                         f"min(N, K)): {too_big[:5]}; pass a smaller rank= or exclude these layers")
     return plan
 
 
@@ -105,7 +119,7 @@ def _inside_planned(name: str, plan: Plan) -> bool:
 
 def _apply_rules(name: str, kind: str, cfg: QuantConfig, rules: tuple[LayerRule, ...]):
     """The layer's recipe as a dict of LayerPlan fields, or the reason it stays in full precision."""
-    weight, act, rank, skip = cfg.weight, cfg.act, cfg.rank, None
+    weight, act, rank, skip, rank_from_rule = cfg.weight, cfg.act, cfg.rank, None, False
     for rule in rules:
         if not rule.matches(name, kind):
             continue
@@ -113,7 +127,8 @@ def _apply_rules(name: str, kind: str, cfg: QuantConfig, rules: tuple[LayerRule,
             skip = rule.skip
         weight = rule.weight or weight
         act = None if rule.no_act else (rule.act or act)
-        rank = rank if rule.rank is None else rule.rank
+        if rule.rank is not None:
+            rank, rank_from_rule = rule.rank, True
     if skip:
         return "excluded by a rule"
     if any(fnmatchcase(name, pattern) for pattern in cfg.exclude):
@@ -121,8 +136,9 @@ def _apply_rules(name: str, kind: str, cfg: QuantConfig, rules: tuple[LayerRule,
     if kind == "Conv2d":
         if weight is None:
             return "activation-only configs quantize Linear layers only"
-        return {"weight": weight, "act": act}
-    return {"weight": weight, "act": act, "rank": rank, "smooth": cfg.smooth}
+        return {"weight": weight, "act": act, "rank_from_rule": False}
+    return {"weight": weight, "act": act, "rank": rank, "smooth": cfg.smooth,
+            "rank_from_rule": rank_from_rule}
 
 
 def module_paths(model: nn.Module) -> dict[int, list[str]]:

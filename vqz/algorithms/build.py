@@ -6,7 +6,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..nn import QuantConv2d, QuantLinear, QuantModule
 from ..patch import LayerPlan
-from .svd import capped_rank, svd_quantize
+from .svd import svd_quantize
 
 
 def quantize_layer(module: nn.Module, plan: LayerPlan, cfg: QuantConfig, stats=None) -> QuantModule:
@@ -36,7 +36,6 @@ def empty_layer(module: nn.Module, plan: LayerPlan) -> QuantModule:
                            module.padding, module.dilation, module.groups, module.bias is not None,
                            module.padding_mode, weight_spec=plan.weight, act_spec=plan.act,
                            splits=plan.splits, **factory)
-    rank = capped_rank(plan.rank, module.in_features, module.out_features)
     return QuantLinear(module.in_features, module.out_features, module.bias is not None,
-                       weight_spec=plan.weight, act_spec=plan.act, rank=rank, smooth=plan.smooth,
+                       weight_spec=plan.weight, act_spec=plan.act, rank=plan.rank, smooth=plan.smooth,
                        **factory)

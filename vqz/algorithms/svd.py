@@ -31,17 +31,11 @@ def smoothing_factors(x_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> 
     return lam.clamp(1e-4, 1e4)
 
 
-def capped_rank(rank: int, k: int, n: int) -> int:
-    """The branch rank a [N, K] layer actually gets: no more than its smaller side."""
-    return min(rank, k, n)
-
-
 def truncated_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """a [K, N] ≈ L1 [K, r] @ L2 [r, N] (r = capped_rank), singular values split as √S on each side.
+    """a [K, N] ≈ L1 [K, r] @ L2 [r, N] (r <= min(K, N)), singular values split as √S on each side.
 
     A randomized SVD (torch.svd_lowrank) when the matrix is large against the rank.
     """
-    rank = capped_rank(rank, *a.shape)
     if min(a.shape) > 4 * (rank + 16):
         u, s, v = torch.svd_lowrank(a, q=rank + 16, niter=4)
         vh = v.T

@@ -14,11 +14,11 @@ command=${1:-}
 shift || true
 case "$command" in
     demo)
-        pip install -e .
+        pip install -e '.[diffusion]'
         exec "$venv/bin/vqz" demo "$@"
         ;;
     test)
-        pip install -e '.[vision,dev]'
+        pip install -e '.[diffusion,vision,dev]'
         exec "$venv/bin/python" -m pytest "$@"
         ;;
     *)

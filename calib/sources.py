@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from os import PathLike
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .pipeline import is_pipeline, pipeline_forward_loop
+from .prompts import default_prompts, read_prompts
 
 
 def as_forward_loop(calib, obj, model: nn.Module, *, passes: int = 1) -> Callable[[], None]:
@@ -15,13 +20,18 @@ def as_forward_loop(calib, obj, model: nn.Module, *, passes: int = 1) -> Callabl
     calib: a callable `forward_loop(obj)`; or an iterable of model inputs, each a tensor
     (`model(x)`), a tuple/list (`model(*args)`) or a dict (`model(**kwargs)`). Tensors are moved to
     the model's device. `passes` > 1 means the loop will be called that many times, so a one-shot
-    iterator is materialised first.
+    iterator is materialised first. When `obj` is a diffusers pipeline, calib may also be prompts:
+    a list of strings, the path of a prompts file (see read_prompts) or "default" (vqz's bundled
+    prompts); the pipeline then generates from them (pipeline_forward_loop, its default options).
     """
     if callable(calib) and not isinstance(calib, nn.Module):
         return lambda: calib(obj)
-    if isinstance(calib, (str, bytes)) or _is_prompt_list(calib):
-        raise TypeError("calibration prompts need a diffusers pipeline (vqz.quantize(pipe, ...)); "
-                        "for a plain module pass model inputs or a forward_loop(model) callable")
+    if isinstance(calib, (str, bytes, PathLike)) or _is_prompt_list(calib):
+        if not is_pipeline(obj):
+            raise TypeError("calibration prompts need a diffusers pipeline (vqz.quantize(pipe, "
+                            "...)); for a plain module pass model inputs or a forward_loop(model) "
+                            "callable")
+        return pipeline_forward_loop(obj, _prompts(calib))
     if isinstance(calib, torch.Tensor) or not isinstance(calib, Iterable):
         raise TypeError(f"calib must be a forward_loop callable or an iterable of model inputs "
                         f"(tensors, tuples or dicts), got {type(calib).__name__}; to use one "
@@ -42,6 +52,19 @@ def as_forward_loop(calib, obj, model: nn.Module, *, passes: int = 1) -> Callabl
 
 def _is_prompt_list(calib) -> bool:
     return isinstance(calib, (list, tuple)) and len(calib) > 0 and all(isinstance(p, str) for p in calib)
+
+
+def _prompts(calib) -> list[str]:
+    if isinstance(calib, bytes):
+        raise TypeError("calib: give a prompts file's path as str or pathlib.Path, not bytes")
+    if calib == "default":
+        return default_prompts()
+    if isinstance(calib, str) and not Path(calib).is_file():
+        raise FileNotFoundError(f"calib={calib!r} is neither 'default' nor an existing prompts file; "
+                                f"to calibrate on this text as a prompt, pass a list: calib=[{calib!r}]")
+    if isinstance(calib, (str, PathLike)):
+        return read_prompts(calib)
+    return list(calib)
 
 
 def _device_of(model: nn.Module) -> torch.device:

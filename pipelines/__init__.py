@@ -3,6 +3,7 @@
 `adapter_for(model)` picks the adapter of a model's family; any model no adapter claims gets the
 generic one (every Linear and Conv2d, no default exclusions).
 """
+from . import diffusion  # noqa: F401  (registers the diffusers denoiser adapters)
 from .base import Adapter, adapter_for, register_adapter
 
 __all__ = ["Adapter", "adapter_for", "register_adapter"]

@@ -1,7 +1,8 @@
-"""Building models from names and paths: timm names, timm model folders, local checkpoints.
+"""Building models from names and paths: diffusers pipelines (hub id or folder), timm names, timm
+model folders, local checkpoints.
 
-Every loaded model comes with a `source` record (JSON) from which `build_skeleton` rebuilds the same
-architecture without weights, so a quantized checkpoint can be loaded back.
+Every loaded model comes with a `source` record (JSON) from which the same architecture is rebuilt
+without weights (`build_skeleton`, `load_quantized_pipeline`), so a quantized checkpoint loads back.
 """
 from __future__ import annotations
 
@@ -21,6 +22,57 @@ def _timm():
     except ImportError as e:
         raise ImportError("timm models need the vision extra: pip install 'vqz[vision]'") from e
     return timm
+
+
+def is_diffusers_source(model: str) -> bool:
+    """A diffusers pipeline folder (model_index.json) or a hub id like "org/name" (not timm's)."""
+    path = Path(model)
+    if path.exists():
+        return (path / "model_index.json").is_file()
+    return model.count("/") == 1 and not model.startswith(("timm/", "hf-hub:", "local-dir:"))
+
+
+def load_pipeline(model: str, dtype: torch.dtype | None = None):
+    """(diffusers pipeline, source record) from a hub id or a save_pretrained folder."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(model)
+    pipe = DiffusionPipeline.from_pretrained(str(path.resolve()) if path.exists() else model,
+                                             torch_dtype=dtype)
+    component = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    if getattr(pipe, component, None) is None:
+        raise ValueError(f"the pipeline {type(pipe).__name__} from {model} has no transformer or "
+                         f"unet to quantize")
+    source = {"source": "diffusers", "id": str(path.resolve()) if path.exists() else model,
+              "component": component}
+    return pipe, source
+
+
+def denoiser_skeleton(model: str, component: str):
+    """The pipeline's denoiser class built from its config with parameters on the meta device
+    (buffers real), ready for vqz.load: the full-precision weights are never read."""
+    import diffusers
+    from accelerate import init_empty_weights
+    from diffusers import DiffusionPipeline
+
+    _, class_name = DiffusionPipeline.load_config(model)[component]
+    cls = getattr(diffusers, class_name)
+    with init_empty_weights():
+        return cls.from_config(cls.load_config(model, subfolder=component))
+
+
+def pipeline_with(model: str, component: str, denoiser, dtype: torch.dtype | None = None):
+    """The pipeline `model` with `denoiser` in place of its own."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **{component: denoiser})
+
+
+def read_source(folder) -> dict:
+    file = Path(folder) / SOURCE_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: {folder} was not written by `vqz quantize`")
+    return json.loads(file.read_text())
 
 
 def load_model(model: str, checkpoint: str | None = None) -> tuple[nn.Module, dict]:

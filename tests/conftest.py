@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -63,3 +66,65 @@ def guard():
             assert getattr(model, "_vqz_state", None) is None
         return check
     return record
+
+
+def build_tiny_sd_pipeline(seed: int = 0):
+    """A real diffusers StableDiffusionPipeline with random weights, built offline in a fraction of
+    a second once diffusers is imported: UNet2DConditionModel (channels 32/64, cross-attention at
+    the first level and in the mid block, 8x8 latents),
+    AutoencoderKL (scale factor 2, so 16x16 px images), a 2-layer CLIPTextModel, a character-level
+    CLIPTokenizer over the byte-level alphabet (no vocab files) and EulerDiscreteScheduler with its
+    default config but steps_offset=1 as in SD 1.5's (1000 training steps, "linspace" spacing:
+    timesteps run 999 -> 0). The pipeline keeps its defaults: 50 steps, guidance 7.5 (both
+    classifier-free guidance branches in one batch). Its own step bar is off."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8)
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    symbols = pre_tokenizers.ByteLevel.alphabet()
+    # one token per byte-level character, with and without the end-of-word mark: no merges needed
+    tokens = specials + sorted(symbols) + [s + "</w>" for s in sorted(symbols)]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    for model in (unet, vae, text_encoder):
+        model.eval()  # as from_pretrained leaves them
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_sd_pipe():
+    """build_tiny_sd_pipeline(); skips when diffusers or transformers is missing."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    return build_tiny_sd_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_denoisers():
+    """The module tests/tiny_denoisers.py: tiny diffusers denoisers and example inputs for each."""
+    pytest.importorskip("diffusers")
+    path = Path(__file__).with_name("tiny_denoisers.py")
+    spec = importlib.util.spec_from_file_location("tiny_denoisers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

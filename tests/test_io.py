@@ -117,3 +117,20 @@ def test_not_a_vqz_file_and_missing_file(mlp, tmp_path):
 def test_save_needs_a_quantized_model(mlp, tmp_path):
     with pytest.raises(ValueError, match="not quantized"):
         vqz.save(mlp, tmp_path / "x.safetensors")
+
+
+def test_meta_skeleton_missing_computed_buffers_is_refused(tmp_path):
+    class WithTable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.register_buffer("table", torch.arange(8.0), persistent=False)
+
+        def forward(self, x):
+            return self.fc(x) + self.table
+    file = vqz.save(vqz.quantize(WithTable(), "w8a8"), tmp_path / "q.safetensors")
+    with torch.device("meta"):
+        skeleton = WithTable()
+    with pytest.raises(ValueError, match="init_empty_weights"):
+        vqz.load(skeleton, file)
+    assert isinstance(skeleton.fc, nn.Linear) and getattr(skeleton, "_vqz_state", None) is None

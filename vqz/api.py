@@ -54,7 +54,8 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
         raise ValueError("this model is already quantized; quantize a fresh copy of the "
                          "full-precision model")
     adapter = adapter_for(target)
-    plan = plan_layers(target, cfg, adapter.default_rules, adapter.splits(target),
+    splits = adapter.splits(target) if cfg.split_shortcut else {}
+    plan = plan_layers(target, cfg, adapter.default_rules, splits,
                        rank_is_explicit="rank" in overrides)
     if not plan.layers:
         raise ValueError(f"no layer of {type(target).__name__} was selected for quantization "

@@ -139,6 +139,8 @@ class QuantConfig:
     rank: rank of the 16-bit low-rank branch (0: none). smooth: per-input-channel smoothing
     (alpha=None searches alpha per layer). gptq: GPTQ on the (residual) weights.
     exclude: globs of module names kept in full precision. rules: per-layer changes.
+    split_shortcut: give convolutions that consume a UNet skip concatenation one activation and
+    weight quantizer per half (where the model's adapter finds such layers).
     """
 
     name: str = "custom"
@@ -149,6 +151,7 @@ class QuantConfig:
     alpha: float | None = None
     gptq: bool = False
     svd_iters: int = 1
+    split_shortcut: bool = True
     exclude: tuple = ()
     rules: tuple = ()
     version: int = CONFIG_VERSION

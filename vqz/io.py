@@ -117,6 +117,11 @@ def _check_tensors(model, tensors: dict) -> None:
     """Refuse before anything is assigned, so a bad file leaves the model untouched. Uncalibrated
     quantizer buffers are placeholders of shape [0] that take the stored shape."""
     expected = model.state_dict(keep_vars=True)
+    unfilled = [n for n, b in model.named_buffers() if b.is_meta and n not in expected]
+    if unfilled:
+        raise ValueError(f"the skeleton has buffers on the meta device that no checkpoint holds "
+                         f"(computed by the model itself): {unfilled[:5]}; build the skeleton with "
+                         f"accelerate.init_empty_weights() (parameters on meta, buffers real)")
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = [(k, tuple(tensors[k].shape), tuple(t.shape)) for k, t in expected.items()
              if k in tensors and tuple(t.shape) not in {tuple(tensors[k].shape), (0,)}]

@@ -32,6 +32,7 @@ from .formats import BlockCodes, IntFormat
 
 _RANGE_FLOOR = 1e-8  # smallest range a scale is made from, so all-zero input gives zeros, not 0/0
 _MSE_RATIOS = [1 - i / 100 for i in range(71)]  # clipping ratios 1.00, 0.99, ..., 0.30 of "mse"
+_MSE_CHUNK = 2**25  # elements of x tried at several ratios in one pass
 
 
 class _Identity(torch.autograd.Function):
@@ -179,20 +180,22 @@ class Quantizer(nn.Module):
         return self._lo, self._hi
 
     def _mse_range(self) -> tuple[Tensor | None, Tensor]:
-        """The clipping ratio of the min/max range with the smallest sum |fq(x) - x|^lp per granule."""
+        """The clipping ratio of the min/max range with the smallest sum |fq(x) - x|^lp per granule.
+
+        Several ratios are tried per pass ([R, C, S] at once, R bounded by _MSE_CHUNK elements):
+        many small passes cost far more than a few large ones."""
         s = self._samples
-        best_err = best_ratio = None
-        for ratio in _MSE_RATIOS:  # from 1 down, so a tie keeps the larger range
-            lo = None if self._lo is None else self._lo * ratio
-            scale, zero_point = self._qparams(lo, self._hi * ratio)
-            zero_point = None if zero_point is None else zero_point[:, None]
-            err = (self._fake(s, scale[:, None], zero_point) - s).abs().pow(self.spec.lp).sum(1)
-            if best_err is None:
-                best_err, best_ratio = err, torch.ones_like(err)
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_ratio = torch.where(better, ratio, best_ratio)
+        ratios = torch.tensor(_MSE_RATIOS, device=s.device)
+        errors = []
+        for r in ratios.split(max(1, _MSE_CHUNK // s.numel())):
+            r = r[:, None]  # [R, 1] against the per-granule range [C]
+            lo = None if self._lo is None else self._lo * r
+            scale, zero_point = self._qparams(lo, self._hi * r)
+            zero_point = None if zero_point is None else zero_point[..., None]
+            fake = self._fake(s, scale[..., None], zero_point)
+            errors.append((fake - s).abs().pow(self.spec.lp).sum(-1))
+        # argmin takes the first of equal errors: ratios run from 1 down, so a tie keeps the larger range
+        best_ratio = ratios[torch.cat(errors).argmin(0)]
         return None if self._lo is None else self._lo * best_ratio, self._hi * best_ratio
 
     def _set_qparams(self, scale: Tensor, zero_point: Tensor | None) -> None:

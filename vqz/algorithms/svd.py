@@ -6,7 +6,7 @@ L2 [r, N] the truncated SVD; R is quantized. At run time y = Q(x/λ) Q(R)ᵀ + (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -65,7 +65,9 @@ def svd_quantize(w: torch.Tensor, *, rank: int, weight_spec: QuantSpec, act_spec
 
     Without activation statistics there is no smoothing (the branch is a plain weight SVD). With
     them, α is `alpha` or, when None, the value of ALPHA_GRID with the smallest output error on
-    `x_sample` [S, K].
+    `x_sample` [S, K]. Candidates are compared with min-max rounding of the residual (the weight
+    spec's own observer, an MSE search say, costs tens of roundings per candidate); the layer then
+    quantizes the chosen residual with the spec as given.
     """
     w = w.detach().float()
     if x_absmax is None:
@@ -73,15 +75,16 @@ def svd_quantize(w: torch.Tensor, *, rank: int, weight_spec: QuantSpec, act_spec
         return SVDResult(None, (l1, l2) if rank else None, None, None)
     x = x_sample.float().to(w.device)
     reference = x @ w.T
+    search_spec = replace(weight_spec, observer="minmax", learnable=False)
     best = None
     for a in (ALPHA_GRID if alpha is None else (alpha,)):
         lam = smoothing_factors(x_absmax.to(w.device), w, a)
         w_hat = w * lam
         if rank:
-            l1, l2, q_residual = decompose(w_hat, rank, weight_spec, iters)
+            l1, l2, q_residual = decompose(w_hat, rank, search_spec, iters)
         else:
             l1 = l2 = None
-            q_residual = Quantizer(weight_spec).fit(w_hat)(w_hat)
+            q_residual = Quantizer(search_spec).fit(w_hat)(w_hat)
         x_hat = x / lam
         out = _quantize_input(act_spec, x_hat) @ q_residual.T
         if rank:
@@ -89,6 +92,9 @@ def svd_quantize(w: torch.Tensor, *, rank: int, weight_spec: QuantSpec, act_spec
         err = ((out - reference).norm() / reference.norm().clamp_min(1e-12)).item()
         if best is None or err < best.error:
             best = SVDResult(lam, (l1, l2) if rank else None, a, err)
+    if rank and iters > 1:  # the refined branch depends on how the residual is rounded
+        l1, l2, _ = decompose(w * best.smooth, rank, weight_spec, iters)
+        best.lowrank = (l1, l2)
     return best
 
 

@@ -1,0 +1,171 @@
+"""Train the reference diffusion models of vqz.pipelines.reference on CIFAR-10 and save them.
+
+    python samples/train_reference.py --model both --out samples/reference --minutes 4
+
+The data is the 10k-image CIFAR-10 test split, the only split in $VQZ_DATA. That is fine here: these
+models exist to measure quantized models against their own full-precision selves, not to be
+benchmarked. Each model trains for a time budget on the GPU (bf16 autocast, AdamW with warmup and
+cosine decay, EMA of the weights), then its EMA weights are saved in fp16 with `save_pretrained` into
+`<out>/<name>/` together with `samples.png`, a 4x4 grid sampled from the saved weights (the DiT's
+rows cycle through the classes 0..9). On a machine without CUDA only a smoke test (`--steps N`) runs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vqz.eval.images import image_grid
+from vqz.pipelines.reference import (NULL_CLASS, build_dit, build_unet, load_reference,
+                                     noise_scheduler, sample)
+
+LEARNING_RATE = {"dit": 3e-4, "unet": 2e-4}
+WARMUP_STEPS = 200
+EMA_DECAY = 0.999
+LABEL_DROPOUT = 0.1
+
+
+def parse_args():
+    default_data = Path(os.environ.get("VQZ_DATA", "../shared/data")) / "cifar10" / "cifar10_test.npz"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["dit", "unet", "both"], default="both")
+    p.add_argument("--out", type=Path, default=Path("samples/reference"))
+    p.add_argument("--data", type=Path, default=default_data, help="CIFAR-10 npz (x uint8 [N,32,32,3], y)")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time budget per model")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the sample grid")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training model")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.minutes <= 0 or (args.steps is not None and args.steps <= 0):
+        p.error("--minutes and --steps must be positive")
+    return args
+
+
+def load_data(path: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole data set on `device`: images uint8 [N, 3, 32, 32], labels int64 [N]."""
+    data = np.load(path)
+    images = torch.from_numpy(data["x"]).permute(0, 3, 1, 2).contiguous().to(device)
+    return images, torch.from_numpy(data["y"]).to(device)
+
+
+def random_batch(images, labels, size: int):
+    """A batch of images [size, 3, 32, 32] in [-1, 1], randomly flipped left-right, and labels."""
+    idx = torch.randint(len(images), (size,), device=images.device)
+    x = images[idx].float() / 127.5 - 1
+    flip = torch.rand(size, 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, x.flip(3), x), labels[idx]
+
+
+def prepare_dit(model) -> None:
+    """adaLN-Zero initialisation (every block starts as the identity, the output at zero), which the
+    DiT paper found to train fastest, and no label dropout inside the model."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for layer in [block.norm1.linear for block in model.transformer_blocks] + [model.proj_out_1,
+                                                                               model.proj_out_2]:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    # diffusers drops labels in every block's embedder independently; train() drops each sample's
+    # label once, so that all blocks see the same null label.
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+
+
+def learning_rate(name: str, step: int, progress: float) -> float:
+    """Linear warmup over WARMUP_STEPS, then cosine decay over the run's progress in [0, 1]."""
+    return LEARNING_RATE[name] * min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(name: str, data, args, device: torch.device):
+    """Train one model until its time or step budget is spent; returns its EMA copy."""
+    torch.manual_seed(args.seed)
+    model = (build_dit if name == "dit" else build_unet)().to(device).train()
+    if name == "dit":
+        prepare_dit(model)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    net = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE[name], weight_decay=0.01)
+    scheduler = noise_scheduler()
+    n_params = sum(p.numel() for p in params)
+    print(f"{name}: {n_params / 1e6:.2f}M parameters, batch {args.batch_size}, "
+          f"{args.minutes:g} min" + (f" or {args.steps} steps" if args.steps else ""), flush=True)
+
+    budget = args.minutes * 60
+    step, running_loss, start = 0, torch.zeros((), device=device), time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget or (args.steps is not None and step >= args.steps):
+            break
+        progress = max(elapsed / budget, step / args.steps if args.steps else 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(name, step, progress)
+
+        x0, labels = random_batch(*data, args.batch_size)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), device=device)
+        xt = scheduler.add_noise(x0, noise, t)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if name == "dit":
+                labels = torch.where(torch.rand(len(x0), device=device) < LABEL_DROPOUT, NULL_CLASS, labels)
+                pred = net(xt, t, labels, return_dict=False)[0]
+            else:
+                pred = net(xt, t, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            # the usual EMA warmup: early weights are forgotten quickly
+            torch._foreach_lerp_(ema_params, params, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
+        running_loss += loss.detach()
+        step += 1
+        if step % 200 == 0:
+            print(f"{name} step {step:6d}  loss {running_loss.item() / 200:.4f}  "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e}  {step / elapsed:.1f} steps/s", flush=True)
+            running_loss.zero_()
+    elapsed = time.perf_counter() - start
+    print(f"{name}: {step} steps in {elapsed:.0f} s ({step / elapsed:.1f} steps/s), "
+          f"last loss {loss.item():.4f}", flush=True)
+    return ema
+
+
+def save(name: str, ema, args, device: torch.device) -> None:
+    """fp16 EMA weights into <out>/<name>/, then a sample grid drawn from those saved weights."""
+    folder = args.out / name
+    ema.half().save_pretrained(folder, safe_serialization=True)
+    model = load_reference(name, root=args.out).to(device)
+    images = sample(model, n=16, seed=0, steps=args.sample_steps)
+    image_grid(list(images.split(4))).save(folder / "samples.png")
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    print(f"{name}: saved {folder} ({size / 2**20:.1f} MB)", flush=True)
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and args.steps is None:
+        sys.exit("no CUDA device: on the CPU this script only runs smoke tests; pass --steps N")
+    if not args.data.is_file():
+        sys.exit(f"no data at {args.data}: pass --data PATH to cifar10_test.npz or set VQZ_DATA")
+    # Near-zero gradients (the DiT's zero-initialised adaLN gates) are denormals, ~50x slower on CPUs.
+    torch.set_flush_denormal(True)
+    data = load_data(args.data, device)
+    for name in ["dit", "unet"] if args.model == "both" else [args.model]:
+        save(name, train(name, data, args, device), args, device)
+
+
+if __name__ == "__main__":
+    main()

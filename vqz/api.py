@@ -60,20 +60,21 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
     if not plan.layers:
         raise ValueError(f"no layer of {type(target).__name__} was selected for quantization "
                          f"(supported: Linear, Conv2d); check the config's rules and exclude")
-    smoothed = [p.name for p in plan.layers if p.smooth]
+    # Layers whose quantization reads their input statistics (smoothing, GPTQ's Hessian).
+    needs_stats = [p.name for p in plan.layers if p.smooth or (cfg.gptq and p.kind == "Linear")]
     static = any(p.act is not None and not p.act.dynamic for p in plan.layers)
-    if (smoothed or static) and calib is None:
-        why = "static activation scales" if static else "smoothing"
+    if (needs_stats or static) and calib is None:
+        why = "static activation scales" if static else "smoothing or GPTQ"
         raise ValueError(f"config {cfg.name!r} uses {why} and needs calibration data: pass "
                          f"calib= (model inputs or a forward_loop callable), or use a preset with "
                          f"dynamic activations such as 'w8a8' or 'w4a4'")
     loop = None if calib is None else as_forward_loop(calib, obj, target,
-                                                      passes=bool(smoothed) + static)
+                                                      passes=bool(needs_stats) + static)
     state = QuantState(cfg, plan, architecture_fingerprint(target), type(target).__name__)
     tx = Transaction(target)
     try:
         target.eval()  # calibration sees inference behaviour; restore_modes puts the flags back
-        stats = collect_input_stats(target, smoothed, loop) if smoothed else {}
+        stats = collect_input_stats(target, needs_stats, loop) if needs_stats else {}
         paths = module_paths(target)
         built = {}
         for layer_plan in tqdm(plan.layers, desc="vqz quantize", unit="layer", leave=False):

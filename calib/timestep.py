@@ -1,6 +1,7 @@
 """Knowing which denoising step a denoiser call belongs to, for per-timestep statistics."""
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -25,7 +26,6 @@ class TimestepTracker:
 
     def __init__(self, denoiser: nn.Module):
         self.denoiser = denoiser
-        self.signature = inspect.signature(type(denoiser).forward)
         self.current: float | None = None
         self.history: list[float | None] = []
         self._handle = None
@@ -40,19 +40,25 @@ class TimestepTracker:
         self._handle = None
 
     def _record(self, module, args, kwargs) -> None:
-        self.current = _as_float(self._timestep(module, args, kwargs))
+        self.current = timestep_of(module, args, kwargs)
         self.history.append(self.current)
 
-    def _timestep(self, module, args, kwargs):
-        if "timestep" in kwargs:
-            return kwargs["timestep"]
-        if "timestep" not in self.signature.parameters:
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def timestep_of(module: nn.Module, args: tuple, kwargs: dict) -> float | None:
+    """The timestep of one call of `module` (a forward pre-hook's view of it) as a float, or None
+    when its forward has no `timestep` argument (see TimestepTracker for the conventions)."""
+    if "timestep" in kwargs:
+        t = kwargs["timestep"]
+    else:
+        signature = _forward_signature(type(module))
+        if "timestep" not in signature.parameters:
             return None
-        bound = self.signature.bind_partial(module, *args, **kwargs)
-        return bound.arguments.get("timestep")
-
-
-def _as_float(t) -> float | None:
+        t = signature.bind_partial(module, *args, **kwargs).arguments.get("timestep")
     if t is None:
         return None
     if isinstance(t, torch.Tensor):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -10,6 +11,8 @@ from .algorithms.build import quantize_layer
 from .calib import as_forward_loop, observe_layers
 from .calib.stats import collect_input_stats
 from .config import QuantConfig, resolve_config
+from .nn.timestep import (attach_timestep_state, bucket_edges, detach_timestep_state,
+                          use_timestep_state)
 from .patch import Plan, Transaction, architecture_fingerprint, module_paths, plan_layers
 from .pipelines import adapter_for
 
@@ -68,13 +71,21 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
         raise ValueError(f"config {cfg.name!r} uses {why} and needs calibration data: pass "
                          f"calib= (model inputs or a forward_loop callable), or use a preset with "
                          f"dynamic activations such as 'w8a8' or 'w4a4'")
-    loop = None if calib is None else as_forward_loop(calib, obj, target,
-                                                      passes=bool(needs_stats) + static)
+    bucketed = any(p.buckets > 1 for p in plan.layers)
+    passes = bool(needs_stats) + static + (bucketed and not needs_stats)
+    loop = None if calib is None else as_forward_loop(calib, obj, target, passes=passes)
     state = QuantState(cfg, plan, architecture_fingerprint(target), type(target).__name__)
     tx = Transaction(target)
     try:
         target.eval()  # calibration sees inference behaviour; restore_modes puts the flags back
+        if bucketed:
+            timesteps = attach_timestep_state(target)
+            tx.undo.append(lambda: detach_timestep_state(target))
+            timesteps.history = []
         stats = collect_input_stats(target, needs_stats, loop) if needs_stats else {}
+        if bucketed and not needs_stats:
+            with torch.no_grad():
+                loop()  # only to learn the calibration timesteps
         paths = module_paths(target)
         built = {}
         for layer_plan in tqdm(plan.layers, desc="vqz quantize", unit="layer", leave=False):
@@ -83,6 +94,10 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
             for path in paths[id(original)]:
                 tx.swap(path, new)
             built[layer_plan.name] = new
+        if bucketed:
+            edges = bucket_edges(timesteps.history, cfg.timestep_buckets)
+            timesteps.history = None
+            use_timestep_state(built.values(), timesteps, edges)
         if static:
             observe_layers(built, loop)
         tx.restore_modes()
@@ -121,7 +136,7 @@ def summary(obj) -> Summary:
         rows.append({
             "name": p.name, "type": p.kind, "weight": _describe(p.weight), "act": _describe(p.act),
             "group": "/".join(str(g) for g in sorted(groups)) or "-", "rank": p.rank,
-            "calib": _statistic(p.act), "status": "quantized"})
+            "calib": _calib_column(p), "status": "quantized"})
     for s in state.plan.skipped:
         rows.append({"name": s.name, "type": s.kind, "weight": "-", "act": "-", "group": "-",
                      "rank": 0, "calib": "-", "status": f"full precision: {s.reason}"})
@@ -141,3 +156,8 @@ def _statistic(spec) -> str:
     if spec.dynamic:
         return "dynamic"
     return f"percentile {spec.percentile}" if spec.observer == "percentile" else spec.observer
+
+
+def _calib_column(plan) -> str:
+    stat = _statistic(plan.act)
+    return f"{stat}, {plan.buckets} timestep ranges" if plan.buckets > 1 else stat

@@ -141,6 +141,8 @@ class QuantConfig:
     exclude: globs of module names kept in full precision. rules: per-layer changes.
     split_shortcut: give convolutions that consume a UNet skip concatenation one activation and
     weight quantizer per half (where the model's adapter finds such layers).
+    timestep_buckets: static activation scales per range of the denoiser's timestep (B ranges with
+    equally many calibration timesteps; 0 or 1: one range). Needs a `timestep` argument.
     """
 
     name: str = "custom"
@@ -152,6 +154,7 @@ class QuantConfig:
     gptq: bool = False
     svd_iters: int = 1
     split_shortcut: bool = True
+    timestep_buckets: int = 0
     exclude: tuple = ()
     rules: tuple = ()
     version: int = CONFIG_VERSION
@@ -175,6 +178,8 @@ class QuantConfig:
             raise ValueError(f"rank must be an integer >= 0, got {self.rank!r}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not isinstance(self.timestep_buckets, int) or self.timestep_buckets < 0:
+            raise ValueError(f"timestep_buckets must be an integer >= 0, got {self.timestep_buckets!r}")
         if self.svd_iters < 1:
             raise ValueError(f"svd_iters must be >= 1, got {self.svd_iters}")
         if self.rank and self.weight is None:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from .algorithms.build import empty_layer
 from .api import STATE_ATTR, QuantState, quant_state, resolve_target
 from .config import QuantConfig
+from .nn.timestep import attach_timestep_state, detach_timestep_state, use_timestep_state
 from .patch import LayerPlan, Plan, Skipped, Transaction, architecture_fingerprint, module_paths
 
 FORMAT_VERSION = 1
@@ -89,11 +90,16 @@ def load(obj, path):
     tx = Transaction(target)
     try:
         paths = module_paths(target)
+        built = []
         for layer_plan in plan.layers:
             original = target.get_submodule(layer_plan.name)
             new = empty_layer(original, layer_plan)
             for p in paths[id(original)]:
                 tx.swap(p, new)
+            built.append(new)
+        if any(p.buckets > 1 for p in plan.layers):
+            use_timestep_state(built, attach_timestep_state(target))
+            tx.undo.append(lambda: detach_timestep_state(target))
         with safe_open(str(_file(path)), framework="pt", device=_load_device(target)) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         _check_tensors(target, tensors)

@@ -23,6 +23,7 @@ class LayerPlan:
     rank: int = 0
     smooth: bool = False
     splits: tuple = ()
+    buckets: int = 0  # timestep ranges of the static activation scales (0: one range)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -133,11 +134,12 @@ def _apply_rules(name: str, kind: str, cfg: QuantConfig, rules: tuple[LayerRule,
         return "excluded by a rule"
     if any(fnmatchcase(name, pattern) for pattern in cfg.exclude):
         return "excluded"
+    buckets = cfg.timestep_buckets if act is not None and not act.dynamic else 0
     if kind == "Conv2d":
         if weight is None:
             return "activation-only configs quantize Linear layers only"
-        return {"weight": weight, "act": act, "rank_from_rule": False}
-    return {"weight": weight, "act": act, "rank": rank, "smooth": cfg.smooth,
+        return {"weight": weight, "act": act, "buckets": buckets, "rank_from_rule": False}
+    return {"weight": weight, "act": act, "rank": rank, "smooth": cfg.smooth, "buckets": buckets,
             "rank_from_rule": rank_from_rule}
 
 
@@ -167,6 +169,7 @@ class Transaction:
     def __init__(self, root: nn.Module):
         self.root = root
         self.swaps: list[tuple[str, nn.Module]] = []
+        self.undo: list = []  # callables that take back other changes, run last to first
         self.training = {m: m.training for m in root.modules()}
 
     def swap(self, name: str, new: nn.Module) -> None:
@@ -180,6 +183,9 @@ class Transaction:
             parent_name, _, attr = name.rpartition(".")
             setattr(self.root.get_submodule(parent_name), attr, old)
         self.swaps.clear()
+        for undo in reversed(self.undo):
+            undo()
+        self.undo.clear()
         self.restore_modes()
 
     def restore_modes(self) -> None:

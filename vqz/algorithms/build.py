@@ -1,21 +1,30 @@
 """Turning one full-precision layer into its quantized replacement, following its LayerPlan."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..config import QuantConfig
 from ..nn import QuantConv2d, QuantLinear, QuantModule
 from ..patch import LayerPlan
+from .gptq import gptq_quantize, input_hessian
 from .svd import svd_quantize
 
 
 def quantize_layer(module: nn.Module, plan: LayerPlan, cfg: QuantConfig, stats=None) -> QuantModule:
     """Round-to-nearest with the plan's observers; for Linear layers with smoothing or a low-rank
-    branch, SVDQuant first (`stats`: the layer's calib.stats.InputStats, needed for smoothing)."""
+    branch, SVDQuant first (`stats`: the layer's calib.stats.InputStats, needed for smoothing and
+    GPTQ). With `cfg.gptq`, a Linear weight (with SVDQuant, its residual R) is rounded by GPTQ
+    with the Hessian of the layer's calibration input rows (smoothed: x / λ); Conv2d layers ignore
+    `cfg.gptq` and round to nearest."""
     if plan.kind == "Conv2d":
-        return QuantConv2d.from_float(module, plan.weight, plan.act, plan.splits)
+        return QuantConv2d.from_float(module, plan.weight, plan.act, plan.splits, plan.buckets)
+    gptq = cfg.gptq and plan.weight is not None
+    if gptq and stats is None:
+        raise ValueError(f"GPTQ on layer {plan.name!r} needs calibration statistics")
     if not (plan.smooth or plan.rank):
-        return QuantLinear.from_float(module, plan.weight, plan.act)
+        return QuantLinear.from_float(module, plan.weight, plan.act, act_buckets=plan.buckets,
+                                      round_weight=_gptq(stats, None, plan) if gptq else None)
     if plan.smooth and stats is None:
         raise ValueError(f"smoothing layer {plan.name!r} needs calibration statistics")
     result = svd_quantize(
@@ -23,7 +32,16 @@ def quantize_layer(module: nn.Module, plan: LayerPlan, cfg: QuantConfig, stats=N
         x_absmax=stats.absmax if plan.smooth else None,
         x_sample=stats.sample if plan.smooth else None, alpha=cfg.alpha, iters=cfg.svd_iters)
     return QuantLinear.from_float(module, plan.weight, plan.act, smooth=result.smooth,
-                                  lowrank=result.lowrank)
+                                  lowrank=result.lowrank, act_buckets=plan.buckets,
+                                  round_weight=_gptq(stats, result.smooth, plan) if gptq else None)
+
+
+def _gptq(stats, smooth, plan: LayerPlan):
+    """R [N, K] -> GPTQ codes and scales, for the inputs `stats.sample` [S, K] divided by λ."""
+    def round_weight(r):
+        x = stats.sample.to(r.device, torch.float32)
+        return gptq_quantize(r, input_hessian(x if smooth is None else x / smooth.to(x)), plan.weight)
+    return round_weight
 
 
 def empty_layer(module: nn.Module, plan: LayerPlan) -> QuantModule:
@@ -35,7 +53,7 @@ def empty_layer(module: nn.Module, plan: LayerPlan) -> QuantModule:
         return QuantConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                            module.padding, module.dilation, module.groups, module.bias is not None,
                            module.padding_mode, weight_spec=plan.weight, act_spec=plan.act,
-                           splits=plan.splits, **factory)
+                           splits=plan.splits, act_buckets=plan.buckets, **factory)
     return QuantLinear(module.in_features, module.out_features, module.bias is not None,
                        weight_spec=plan.weight, act_spec=plan.act, rank=plan.rank, smooth=plan.smooth,
-                       **factory)
+                       act_buckets=plan.buckets, **factory)

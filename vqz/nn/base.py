@@ -16,8 +16,9 @@ class QuantModule(nn.Module):
 
     act_enabled: bool = True
 
-    def act_quantizers(self) -> list[Quantizer]:
-        return [m for m in self.modules() if isinstance(m, Quantizer) and m is not self]
+    def act_quantizers(self) -> list[nn.Module]:
+        """The activation quantizers (Quantizer or BucketedQuantizer) of this layer."""
+        raise NotImplementedError
 
     def observe(self, *inputs: torch.Tensor) -> None:
         raise NotImplementedError

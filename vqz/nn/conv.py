@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantSpec
-from ..quantizer import Quantizer
 from .base import QuantModule, quantize_channels_last
+from .timestep import make_act_quantizer
 from .weight import QuantWeight
 
 
@@ -23,7 +23,7 @@ class QuantConv2d(QuantModule):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
                  weight_spec: QuantSpec, act_spec: QuantSpec | None, splits: tuple = (),
-                 device=None, dtype=None):
+                 act_buckets: int = 0, device=None, dtype=None):
         super().__init__()
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, device="meta")
@@ -40,17 +40,17 @@ class QuantConv2d(QuantModule):
         self.qweights = nn.ModuleList(
             QuantWeight(weight_spec, out_channels, w * taps, device=device) for w in widths)
         self.input_quantizers = nn.ModuleList(
-            Quantizer(act_spec) for _ in self.ranges) if act_spec is not None else None
+            make_act_quantizer(act_spec, act_buckets) for _ in self.ranges) if act_spec is not None else None
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None,
-                   splits: tuple = ()) -> QuantConv2d:
+                   splits: tuple = (), act_buckets: int = 0) -> QuantConv2d:
         w = conv.weight.detach()
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                    weight_spec=weight_spec, act_spec=act_spec, splits=splits, device=w.device,
-                    dtype=w.dtype)
+                    weight_spec=weight_spec, act_spec=act_spec, splits=splits,
+                    act_buckets=act_buckets, device=w.device, dtype=w.dtype)
         pieces = [w] if conv.groups > 1 else [w[:, s:e] for s, e in layer.ranges]
         layer.qweights = nn.ModuleList(
             QuantWeight.from_float(p.reshape(p.shape[0], -1), weight_spec) for p in pieces)
@@ -62,6 +62,9 @@ class QuantConv2d(QuantModule):
         kh, kw = self.kernel_size
         parts = [qw(dtype).reshape(self.out_channels, -1, kh, kw) for qw in self.qweights]
         return torch.cat(parts, dim=1)
+
+    def act_quantizers(self) -> list[nn.Module]:
+        return [] if self.input_quantizers is None else list(self.input_quantizers)
 
     def observe(self, x: torch.Tensor) -> None:
         if self.input_quantizers is None:

@@ -1,14 +1,16 @@
 """QuantLinear: y = Q(x / λ) Q(R)ᵀ + ((x / λ) L1) L2 + b."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantSpec
 from ..kernels import linear_impl
-from ..quantizer import Quantizer
 from .base import QuantModule
+from .timestep import make_act_quantizer
 from .weight import QuantWeight
 
 
@@ -23,7 +25,7 @@ class QuantLinear(QuantModule):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  weight_spec: QuantSpec | None, act_spec: QuantSpec | None, rank: int = 0,
-                 smooth: bool = False, device=None, dtype=None):
+                 smooth: bool = False, act_buckets: int = 0, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_spec, self.act_spec, self.rank = weight_spec, act_spec, rank
@@ -33,7 +35,7 @@ class QuantLinear(QuantModule):
             self.qweight = None
         else:
             self.qweight = QuantWeight(weight_spec, out_features, in_features, device=device)
-        self.act_quantizer = Quantizer(act_spec) if act_spec is not None else None
+        self.act_quantizer = make_act_quantizer(act_spec, act_buckets) if act_spec is not None else None
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("smooth", torch.ones(in_features, device=device) if smooth else None)
         self.lora_down = nn.Parameter(torch.empty(in_features, rank, **factory)) if rank else None
@@ -42,14 +44,19 @@ class QuantLinear(QuantModule):
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, *,
                    smooth: torch.Tensor | None = None,
-                   lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
+                   lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   act_buckets: int = 0,
+                   round_weight: Callable[[torch.Tensor], dict] | None = None) -> QuantLinear:
         """Quantize `linear`. `smooth`: λ [K]; `lowrank`: (L1 [K, r], L2 [r, N]) approximating
-        (W diag(λ))ᵀ; the weight quantizer then sees the residual R = W diag(λ) - (L1 L2)ᵀ."""
+        (W diag(λ))ᵀ; the weight quantizer then sees the residual R = W diag(λ) - (L1 L2)ᵀ.
+        `round_weight`: R [N, K] float32 -> its codes and scales laid out as
+        `Quantizer(weight_spec).quantize(R)` returns them (GPTQ, say); default round-to-nearest.
+        A callable rather than the codes themselves, since R depends on how L1 L2 is stored."""
         w = linear.weight.detach()
         rank = 0 if lowrank is None else lowrank[0].shape[1]
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     weight_spec=weight_spec, act_spec=act_spec, rank=rank, smooth=smooth is not None,
-                    device=w.device, dtype=w.dtype)
+                    act_buckets=act_buckets, device=w.device, dtype=w.dtype)
         residual = w.float()
         if smooth is not None:
             layer.smooth.copy_(smooth)
@@ -64,6 +71,8 @@ class QuantLinear(QuantModule):
             if smooth is not None or lowrank is not None:
                 raise ValueError("smoothing and a low-rank branch need a weight spec")
             layer.weight.data.copy_(w)
+        elif round_weight is not None:
+            layer.qweight = QuantWeight.from_quantized(round_weight(residual), weight_spec)
         else:
             layer.qweight = QuantWeight.from_float(residual, weight_spec)
         if linear.bias is not None:
@@ -76,6 +85,9 @@ class QuantLinear(QuantModule):
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """Q(R) [N, K] (or the float weight for activation-only configs)."""
         return self.weight.to(dtype) if self.qweight is None else self.qweight(dtype)
+
+    def act_quantizers(self) -> list[nn.Module]:
+        return [] if self.act_quantizer is None else [self.act_quantizer]
 
     def observe(self, x: torch.Tensor) -> None:
         if self.act_quantizer is not None and not self.act_quantizer.spec.dynamic:

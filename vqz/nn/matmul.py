@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..config import QuantSpec
-from ..quantizer import Quantizer
 from .base import QuantModule
+from .timestep import make_act_quantizer
 
 
 class QuantMatMul(QuantModule):
@@ -17,11 +18,14 @@ class QuantMatMul(QuantModule):
     a log2 quantizer elsewhere).
     """
 
-    def __init__(self, a_spec: QuantSpec | None, b_spec: QuantSpec | None):
+    def __init__(self, a_spec: QuantSpec | None, b_spec: QuantSpec | None, act_buckets: int = 0):
         super().__init__()
         self.a_spec, self.b_spec = a_spec, b_spec
-        self.a_quantizer = Quantizer(a_spec) if a_spec is not None else None
-        self.b_quantizer = Quantizer(b_spec) if b_spec is not None else None
+        self.a_quantizer = make_act_quantizer(a_spec, act_buckets) if a_spec is not None else None
+        self.b_quantizer = make_act_quantizer(b_spec, act_buckets) if b_spec is not None else None
+
+    def act_quantizers(self) -> list[nn.Module]:
+        return [q for q in (self.a_quantizer, self.b_quantizer) if q is not None]
 
     def observe(self, a: torch.Tensor, b: torch.Tensor) -> None:
         if self.a_quantizer is not None and not self.a_quantizer.spec.dynamic:

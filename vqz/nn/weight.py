@@ -31,13 +31,25 @@ class QuantWeight(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, spec: QuantSpec) -> QuantWeight:
-        """Quantize `w` [N, K] (any float dtype; math in float32)."""
-        n, k = w.shape
-        qw = cls(spec, n, k, device=w.device)
+        """Quantize `w` [N, K] (any float dtype; math in float32) with round-to-nearest."""
         w = w.detach().float()
-        q = Quantizer(spec).fit(w).quantize(w)
-        q["codes"] = pack_codes(q["codes"], spec.fmt.bits)
+        return cls.from_quantized(Quantizer(spec).fit(w).quantize(w), spec)
+
+    @classmethod
+    def from_quantized(cls, q: dict[str, torch.Tensor], spec: QuantSpec) -> QuantWeight:
+        """Hold precomputed codes and scales: `q` laid out as `Quantizer(spec).quantize(w)` returns
+        them for a weight w [N, K] ({"codes": [N, K] unpacked, "scale", ...}; GPTQ gives these)."""
+        n, k = q["codes"].shape
+        qw = cls(spec, n, k, device=q["codes"].device)
+        q = dict(q, codes=pack_codes(q["codes"], spec.fmt.bits))
+        expected = dict(qw.named_buffers(recurse=False))
+        if set(q) != set(expected):
+            raise ValueError(f"a {spec.format} {spec.granularity} weight stores {sorted(expected)}, "
+                             f"got {sorted(q)}")
         for name, value in q.items():
+            if value.shape != expected[name].shape or value.dtype != expected[name].dtype:
+                raise ValueError(f"{name}: expected {expected[name].dtype} "
+                                 f"{tuple(expected[name].shape)}, got {value.dtype} {tuple(value.shape)}")
             setattr(qw, name, value.contiguous())
         return qw
 

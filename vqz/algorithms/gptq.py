@@ -41,7 +41,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, da
     if spec.granularity == "channel" and spec.axis % 2 != 0:
         raise NotImplementedError("GPTQ supports per-output-channel scales (axis=0) only")
     w = w.detach().float().clone()
-    n, k = w.shape
+    k = w.shape[1]
     h = hessian.detach().to(w.device, torch.float32).clone()
     if h.shape != (k, k):
         raise ValueError(f"hessian must be [{k}, {k}] for a weight of shape {tuple(w.shape)}, "

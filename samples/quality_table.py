@@ -26,11 +26,25 @@ from vqz.pipelines.reference import load_reference, sample
 NAIVE_W4A4 = vqz.QuantConfig(
     "w4a4-naive", weight=vqz.QuantSpec("int4", "group", 64, observer="minmax"),
     act=vqz.QuantSpec("int4", "group", 64, dynamic=True))
-DIT_VARIANTS = [("w8a8", "w8a8", {}), ("w4a8", "w4a8", {}), ("naive W4A4 (RTN, min-max)", NAIVE_W4A4, {}),
-                ("w4a4 (RTN, MSE weights)", "w4a4", {}), ("w4a4-svd", "w4a4-svd", {}),
+DIT_VARIANTS = [("w8a8", "w8a8", {}), ("w4a8 (RTN)", "w4a8", {}), ("w4a8-gptq", "w4a8-gptq", {}),
+                ("naive W4A4 (RTN, min-max)", NAIVE_W4A4, {}), ("w4a4 (RTN, MSE weights)", "w4a4", {}),
+                ("w4a4-svd", "w4a4-svd", {}), ("w4a4-svd + GPTQ", "w4a4-svd", {"gptq": True}),
                 ("nvfp4-svd", "nvfp4-svd", {})]
-UNET_VARIANTS = [("w8a8", "w8a8", {}), ("w4a8, split-shortcut on", "w4a8", {}),
-                 ("w4a8, split-shortcut off", "w4a8", {"split_shortcut": False})]
+# Q-Diffusion's setting, where split-shortcut matters: one static activation scale per tensor.
+W4A8_STATIC = vqz.QuantConfig(
+    "w4a8-static", weight=vqz.QuantSpec("int4", "group", 64, observer="mse"),
+    act=vqz.QuantSpec("int8", "tensor", symmetric=False, observer="mse"))
+UNET_VARIANTS = [("w8a8", "w8a8", {}),
+                 ("w8a8-static, split-shortcut on", "w8a8-static", {}),
+                 ("w8a8-static, split-shortcut off", "w8a8-static", {"split_shortcut": False}),
+                 ("w8a8-static, split on, 4 timestep ranges", "w8a8-static", {"timestep_buckets": 4}),
+                 ("w4a8-static, split-shortcut on", W4A8_STATIC, {}),
+                 ("w4a8-static, split-shortcut off", W4A8_STATIC, {"split_shortcut": False}),
+                 ("w4a8-static, split on, 4 timestep ranges", W4A8_STATIC, {"timestep_buckets": 4}),
+                 ("w4a8-gptq, split-shortcut on", "w4a8-gptq", {}),
+                 ("w4a8-gptq, split-shortcut off", "w4a8-gptq", {"split_shortcut": False}),
+                 ("w4a8 (RTN), split-shortcut on", "w4a8", {}),
+                 ("w4a8 (RTN), split-shortcut off", "w4a8", {"split_shortcut": False})]
 
 
 def evaluate(model, variants, n, steps, calib_seed=1000):
@@ -44,7 +58,7 @@ def evaluate(model, variants, n, steps, calib_seed=1000):
         rows.append({"variant": label, "psnr_db": psnr(images, reference).mean().item(),
                      "ssim": ssim(images, reference).mean().item(),
                      "seconds": time.perf_counter() - start})
-        print(f"  {label:32s} PSNR {rows[-1]['psnr_db']:6.2f} dB  SSIM {rows[-1]['ssim']:.4f}", flush=True)
+        print(f"  {label:42s} PSNR {rows[-1]['psnr_db']:6.2f} dB  SSIM {rows[-1]['ssim']:.4f}", flush=True)
     return rows
 
 

@@ -51,7 +51,7 @@ def test_returns_obj_and_summary_lists_every_weight_layer(convnet):
     assert result is convnet
     rows = {r["name"]: r for r in vqz.summary(convnet)}
     assert rows["head"]["weight"] == "int4 per-group" and rows["head"]["group"] == "64"
-    assert rows["head"]["act"] == "int8 per-token" and rows["head"]["calib"] == "dynamic"
+    assert rows["head"]["act"] == "int8 per-token asym" and rows["head"]["calib"] == "dynamic"
     assert rows["seq"]["status"] == "full precision: unsupported layer type"
     assert rows["embed"]["status"] == "full precision: unsupported layer type"
     assert isinstance(convnet.seq, nn.Conv1d) and isinstance(convnet.embed, nn.Embedding)
@@ -269,3 +269,14 @@ def test_preset_rank_skips_the_branch_on_layers_smaller_than_it():
     vqz.quantize(model, "w4a4-svd", calib=[torch.randn(8, 64)])
     assert model[0].rank == 32 and model[2].rank == 0 and model[2].lora_down is None
     assert [r["rank"] for r in vqz.summary(model)] == [32, 0]
+
+
+def test_svd_quantization_is_reproducible():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256))
+    calib = [torch.randn(32, 256)]
+    a = vqz.quantize(copy.deepcopy(model), "w4a4-svd", calib=calib, alpha=0.5)
+    torch.randn(100)  # the global RNG moves on between the two runs
+    b = vqz.quantize(copy.deepcopy(model), "w4a4-svd", calib=calib, alpha=0.5)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k

@@ -239,18 +239,24 @@ def _int_w(bits, group=None, observer="mse"):
     return QuantSpec(f"int{bits}", "group", group, observer=observer)
 
 
-def _dyn_a(fmt, group=None):
+def _dyn_a(fmt, group=None, symmetric=True):
     if group is None:
-        return QuantSpec(fmt, "token", dynamic=True)
-    return QuantSpec(fmt, "group", group, dynamic=True)
+        return QuantSpec(fmt, "token", dynamic=True, symmetric=symmetric)
+    return QuantSpec(fmt, "group", group, dynamic=True, symmetric=symmetric)
+
+
+# Asymmetric per-token INT8 activations: post-GELU/SiLU inputs are one-sided, and the zero point
+# costs a GEMM only a per-row correction in its epilogue (zero_point * column sums of W).
+_A8 = _dyn_a("int8", symmetric=False)
 
 
 _PRESETS = {
-    "w8a8": QuantConfig("w8a8", _int_w(8, observer="minmax"), _dyn_a("int8")),
+    "w8a8": QuantConfig("w8a8", _int_w(8, observer="minmax"), _A8),
     "w8a8-static": QuantConfig("w8a8-static", _int_w(8, observer="minmax"),
                                QuantSpec("int8", "tensor", symmetric=False, observer="mse")),
     "fp8": QuantConfig("fp8", QuantSpec("e4m3", "channel"), _dyn_a("e4m3")),
-    "w4a8": QuantConfig("w4a8", _int_w(4, 64), _dyn_a("int8")),
+    "w4a8": QuantConfig("w4a8", _int_w(4, 64), _A8),
+    "w4a8-gptq": QuantConfig("w4a8-gptq", _int_w(4, 64), _A8, gptq=True),
     "w4a4": QuantConfig("w4a4", _int_w(4, 64), _dyn_a("int4", 64)),
     "w4a16": QuantConfig("w4a16", _int_w(4, 128), None),
     "w4a4-svd": QuantConfig("w4a4-svd", _int_w(4, 64), _dyn_a("int4", 64), rank=32, smooth=True),
@@ -259,10 +265,11 @@ _PRESETS = {
 }
 
 PRESET_DESCRIPTIONS = {
-    "w8a8": "INT8 weights per output channel, INT8 activations per token (dynamic)",
+    "w8a8": "INT8 weights per output channel, INT8 activations per token (dynamic, asymmetric)",
     "w8a8-static": "INT8 weights per output channel, INT8 activations per tensor (calibrated)",
     "fp8": "FP8 E4M3 weights per output channel, FP8 E4M3 activations per token (dynamic)",
     "w4a8": "INT4 weights in groups of 64 (MSE-searched scales), INT8 activations per token",
+    "w4a8-gptq": "w4a8 with GPTQ-rounded weights (needs calibration data)",
     "w4a4": "INT4 weights and activations in groups of 64 (round to nearest)",
     "w4a16": "INT4 weights in groups of 128, activations in full precision",
     "w4a4-svd": "SVDQuant: smoothing + rank-32 16-bit branch, INT4 group-64 weights and activations",

@@ -37,7 +37,10 @@ def truncated_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     A randomized SVD (torch.svd_lowrank) when the matrix is large against the rank.
     """
     if min(a.shape) > 4 * (rank + 16):
-        u, s, v = torch.svd_lowrank(a, q=rank + 16, niter=4)
+        # svd_lowrank draws a random projection: seed it so quantization is reproducible.
+        with torch.random.fork_rng(devices=[a.device] if a.is_cuda else []):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(a, q=rank + 16, niter=4)
         vh = v.T
     else:
         u, s, vh = torch.linalg.svd(a, full_matrices=False)

@@ -13,15 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .optional import require
+
 SOURCE_NAME = "vqz_model.json"
-
-
-def _timm():
-    try:
-        import timm
-    except ImportError as e:
-        raise ImportError("timm models need the vision extra: pip install 'vqz[vision]'") from e
-    return timm
 
 
 def is_diffusers_source(model: str) -> bool:
@@ -81,7 +75,7 @@ def load_model(model: str, checkpoint: str | None = None) -> tuple[nn.Module, di
     A timm name whose pretrained weights cannot be downloaded gets random weights and a warning;
     `checkpoint` (a .safetensors, .pt or .pth state dict) then supplies real ones.
     """
-    timm = _timm()
+    timm = require("timm", "vision")
     path = Path(model)
     if path.exists():
         config = path / "config.json"
@@ -122,7 +116,7 @@ def read_state_dict(path) -> dict:
 
 def build_skeleton(source: dict) -> nn.Module:
     """The architecture a source record names, with tensors on the meta device (no weights)."""
-    timm = _timm()
+    timm = require("timm", "vision")
     with torch.device("meta"):
         if source["source"] == "timm":
             return timm.create_model(source["name"], pretrained=False).eval()

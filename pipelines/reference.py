@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .optional import require
+
 NUM_CLASSES = 10
 # diffusers' LabelEmbedding keeps one row after the classes for the dropped (null) label.
 NULL_CLASS = NUM_CLASSES
@@ -41,16 +43,12 @@ UNET_CONFIG = {
     "attention_head_dim": 32,  # of the one attention layer, in the 8x8 mid block
 }
 
+def _diffusers():
+    return require("diffusers", "diffusion")
+
+
 MODEL_CLASSES = {"dit": "DiTTransformer2DModel", "unet": "UNet2DModel"}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-def _diffusers():
-    try:
-        import diffusers
-    except ImportError as e:
-        raise ImportError("the reference models need diffusers: pip install 'vqz[diffusion]'") from e
-    return diffusers
 
 
 def build_dit(config: dict | None = None):

@@ -81,11 +81,13 @@ def _call_options(pipe, **options) -> dict:
             raise TypeError(f"{name} takes no `{required}` argument, so vqz cannot calibrate it from "
                             f"prompts; pass calib= a forward_loop(pipe) callable that runs it")
     kwargs = {k: v for k, v in options.items() if v is not None}
+    if "num_frames" in kwargs and "num_frames" not in accepted and "frames" in accepted:
+        kwargs["frames"] = kwargs.pop("num_frames")  # SanaVideoPipeline's name for it
     for key in kwargs:
         if key not in accepted:
             if key == "num_frames":
-                raise ValueError(f"num_frames={kwargs[key]} was given, but num_frames is a video "
-                                 f"option; {name} makes images")
+                raise ValueError(f"num_frames={kwargs[key]} was given, but {name} takes no frame "
+                                 f"count (an image pipeline, or one that follows an input video)")
             raise ValueError(f"{name} does not take {key}=; leave it out")
     if "output_type" in accepted:
         kwargs["output_type"] = "latent"  # the denoiser is calibrated; decoding would be wasted

@@ -128,3 +128,58 @@ def tiny_denoisers():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def build_tiny_wan_pipeline(seed: int = 0):
+    """A real diffusers WanPipeline (text-to-video) with random weights, built offline: a 2-layer
+    WanTransformer3DModel (tests/tiny_denoisers.py's config: 4 latent channels, patch (1, 2, 2),
+    text_dim 24), an AutoencoderKLWan with z_dim 4 and one spatial and one temporal down/upsampling
+    (base_dim 8, dim_mult (1, 2): scale factors 2 in space and time, so num_frames must be 1 + 2k and
+    height/width multiples of 4), a 2-layer UMT5EncoderModel with d_model 24, a word-level
+    PreTrainedTokenizerFast built in memory (pad id 0, "</s>" appended as T5's does) and Wan 2.1's
+    scheduler: UniPCMultistepScheduler for flow matching (flow_shift 3). The pipeline keeps its
+    __call__ defaults (81 frames of 480x832, 50 steps, guidance 5.0, 512 text tokens); with
+    guidance > 1 it calls the transformer twice per step, conditional then unconditional (not one
+    2x batch as the SD pipelines do). Its own step bar is off. Needs the `regex` package (imported by
+    diffusers' Wan pipeline); ftfy is optional."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+        out_channels=4, text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                           temperal_downsample=[True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+                           scale_factor_temporal=2, scale_factor_spatial=2)
+    words = ("a an the of on at in and with boat lake city night red car dog cat tree house blue "
+             "sky over under big small").split()
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<unk>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                        eos_token="</s>", unk_token="<unk>", model_max_length=512)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(vocab), d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0))
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
+                       vae=vae, scheduler=scheduler)
+    for model in (transformer, vae, text_encoder):
+        model.eval()  # as from_pretrained leaves them
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_wan_pipe():
+    """build_tiny_wan_pipeline(); skips when diffusers, transformers or regex is missing."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    pytest.importorskip("regex")
+    return build_tiny_wan_pipeline()

@@ -9,8 +9,10 @@ from pathlib import Path
 from .config import PRESET_DESCRIPTIONS, presets
 
 NOT_YET = {
-    "eval": "evaluation (ImageNet accuracy, depth metrics, image metrics)",
     "bench": "kernel benchmarks",
+}
+EVAL_NOT_YET = {
+    "images": "image metrics (PSNR, SSIM, LPIPS, FID)",
 }
 
 
@@ -140,6 +142,84 @@ def _presets(args) -> int:
     return 0
 
 
+def _eval_imagenet(args) -> int:
+    from .eval.classification import (format_results, imagenet_eval, result_rows,
+                                      write_results_csv)
+
+    result = imagenet_eval(args.model, args.data, args.preset, checkpoint=args.checkpoint,
+                           calib_data=args.calib_data, calib_count=args.calib_count,
+                           batch_size=args.batch_size, limit=args.limit, device=args.device,
+                           workers=args.workers)
+    print(format_results(result))
+    if args.csv:
+        print(f"\nwrote {write_results_csv(args.csv, result_rows(result))}")
+    return 0
+
+
+def _eval_depth(args) -> int:
+    from .eval.depth import depth_eval, format_table
+
+    result = depth_eval(args.model, args.data, args.preset, dataset=args.dataset,
+                        align=args.align, calib_count=args.calib_count)
+    print(f"{result['model']}: {result['images']} images, {result['dataset']}, align "
+          f"{result['align']}, metrics averaged per image")
+    print(format_table({"fp": result["full_precision"], args.preset: result["quantized"]}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _depth_parser(group) -> None:
+    from .eval.depth import ALIGNMENTS, DATASETS
+
+    p = group.add_parser("depth", help="AbsRel/RMSE/δ1 of a transformers depth model, full "
+                         "precision vs quantized")
+    p.add_argument("--model", required=True, help="hub id or save_pretrained folder of a "
+                   "transformers depth model (Depth Anything, DPT, ...)")
+    p.add_argument("--data", required=True, help="folder of <name>.png|.jpg with <name>_depth.png "
+                   "(16-bit, mm) or <name>_depth.npy (m)")
+    p.add_argument("--preset", required=True, help=f"one of: {', '.join(presets())}")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="nyu", help="depth range and "
+                   "crop: nyu (1e-3..10 m, Eigen crop) or kitti (1e-3..80 m, Garg crop)")
+    p.add_argument("--align", choices=ALIGNMENTS, help="fit relative predictions to the ground "
+                   "truth per image (default: lstsq-disparity, or none for metric Depth Anything)")
+    p.add_argument("--calib-count", type=int, default=8, help="calibration images, the first of "
+                   "--data (default 8)")
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=_eval_depth)
+
+
+def _eval_not_yet(args) -> int:
+    print(f"vqz eval {args.eval_command}: {EVAL_NOT_YET[args.eval_command]} is not available in "
+          f"vqz {_version()} yet.", file=sys.stderr)
+    return 2
+
+
+def _eval_parser(sub) -> None:
+    group = sub.add_parser("eval", help="measure what quantization lost").add_subparsers(
+        dest="eval_command", required=True)
+    p = group.add_parser("imagenet", help="top-1/top-5 of a timm model, full precision vs quantized")
+    p.add_argument("--model", required=True, help="timm model name or timm model folder")
+    p.add_argument("--checkpoint", help="local weights (.safetensors/.pt) to load")
+    p.add_argument("--data", required=True, help="ImageFolder: <data>/<class>/<image>, sorted "
+                   "class folder names = class indices")
+    p.add_argument("--preset", required=True, help=f"one of: {', '.join(presets())}")
+    p.add_argument("--calib-data", help="calibration image folder (default: the first "
+                   "--calib-count images of --data)")
+    p.add_argument("--calib-count", type=int, default=32, help="calibration images (default 32)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, help="evaluate N images, evenly spaced over "
+                   "the sorted list")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--csv", help="write timm-style results (full precision and quantized rows)")
+    p.set_defaults(func=_eval_imagenet)
+    _depth_parser(group)
+    for name, what in EVAL_NOT_YET.items():
+        group.add_parser(name, help=f"{what} (not available yet)").set_defaults(func=_eval_not_yet)
+
+
 def _not_yet(args) -> int:
     print(f"vqz {args.command}: {NOT_YET[args.command]} is not available in vqz "
           f"{_version()} yet.", file=sys.stderr)
@@ -204,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=_presets)
 
+    _eval_parser(sub)
+
     for name, what in NOT_YET.items():
         p = sub.add_parser(name, help=f"{what} (not available yet)")
         p.set_defaults(func=_not_yet)
@@ -213,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.func is not _not_yet:
+    if extra and args.func not in (_not_yet, _eval_not_yet):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)

@@ -18,12 +18,19 @@ def observe_layers(layers: dict[str, nn.Module], forward_loop: Callable[[], None
     targets = {name: m for name, m in layers.items() if m.needs_calibration()}
     if not targets:
         return
+    inside = [m for m in targets.values() if m.observes_in_forward]
     for m in layers.values():
         m.act_enabled = False
+    for m in inside:
+        m.observing = True
     try:
-        run_with_input_hooks(targets, lambda name, m, tensors: m.observe(*tensors), forward_loop)
+        # Hooks still check and count the inputs of `inside` layers; those observe in forward.
+        run_with_input_hooks(targets, lambda name, m, tensors: None if m.observes_in_forward
+                             else m.observe(*tensors), forward_loop)
     finally:
         for m in layers.values():
             m.act_enabled = True
+        for m in inside:
+            m.observing = False
     for m in targets.values():
         m.finalize_activations()

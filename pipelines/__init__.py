@@ -5,6 +5,7 @@ generic one (every Linear and Conv2d, no default exclusions).
 """
 from . import diffusion  # noqa: F401  (registers the diffusers denoiser adapters)
 from . import depth  # noqa: F401  (registers the transformers depth-estimator adapters)
+from . import timm_vit  # noqa: F401  (registers the timm ViT/DeiT adapter)
 from .base import Adapter, adapter_for, register_adapter
 
 __all__ = ["Adapter", "adapter_for", "register_adapter"]

@@ -14,6 +14,8 @@ class Adapter:
     claims(model): whether this adapter applies. default_rules: LayerRules applied before the user's
     (e.g. keep embeddings and final projections in 16-bit, each with its reason in `notes`).
     splits(model): {Conv2d name: input-channel split points} for split-shortcut quantization.
+    attention(module): whether `module` is an attention module vqz.nn.QuantAttention replaces
+    (its products are quantized when the config has `attn`).
     """
 
     name: str
@@ -21,6 +23,7 @@ class Adapter:
     default_rules: tuple = ()
     notes: dict = field(default_factory=dict)
     splits: Callable[[nn.Module], dict] = lambda model: {}
+    attention: Callable[[nn.Module], bool] = lambda module: False
 
 
 GENERIC = Adapter("generic", claims=lambda model: True)

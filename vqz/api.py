@@ -59,13 +59,13 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
     adapter = adapter_for(target)
     splits = adapter.splits(target) if cfg.split_shortcut else {}
     plan = plan_layers(target, cfg, adapter.default_rules, splits,
-                       rank_is_explicit="rank" in overrides)
+                       rank_is_explicit="rank" in overrides, is_attention=adapter.attention)
     if not plan.layers:
         raise ValueError(f"no layer of {type(target).__name__} was selected for quantization "
-                         f"(supported: Linear, Conv2d); check the config's rules and exclude")
+                         f"(supported: Linear, Conv2d, timm Attention); check the config's rules and exclude")
     # Layers whose quantization reads their input statistics (smoothing, GPTQ's Hessian).
     needs_stats = [p.name for p in plan.layers if p.smooth or (cfg.gptq and p.kind == "Linear")]
-    static = any(p.act is not None and not p.act.dynamic for p in plan.layers)
+    static = any(s is not None and not s.dynamic for p in plan.layers for s in (p.act, p.probs))
     if (needs_stats or static) and calib is None:
         why = "static activation scales" if static else "smoothing or GPTQ"
         raise ValueError(f"config {cfg.name!r} uses {why} and needs calibration data: pass "
@@ -134,7 +134,7 @@ def summary(obj) -> Summary:
     for p in state.plan.layers:
         groups = {s.group_size for s in (p.weight, p.act) if s is not None and s.group_size}
         rows.append({
-            "name": p.name, "type": p.kind, "weight": _describe(p.weight), "act": _describe(p.act),
+            "name": p.name, "type": p.kind, "weight": _describe(p.weight), "act": _describe_act(p),
             "group": "/".join(str(g) for g in sorted(groups)) or "-", "rank": p.rank,
             "calib": _calib_column(p), "status": "quantized"})
     for s in state.plan.skipped:
@@ -148,6 +148,12 @@ def _describe(spec) -> str:
         return "-"
     side = "" if spec.symmetric else " asym"
     return f"{spec.format} per-{spec.granularity}{side}"
+
+
+def _describe_act(plan) -> str:
+    if plan.probs is None:
+        return _describe(plan.act)
+    return f"qkv {_describe(plan.act)}, softmax {_describe(plan.probs)}"
 
 
 def _statistic(spec) -> str:

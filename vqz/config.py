@@ -15,7 +15,7 @@ from . import formats
 CONFIG_VERSION = 1
 GRANULARITIES = ("tensor", "channel", "token", "group")
 OBSERVERS = ("minmax", "percentile", "mse")
-SUPPORTED_LAYER_TYPES = ("Linear", "Conv2d")
+SUPPORTED_LAYER_TYPES = ("Linear", "Conv2d", "Attention")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,32 @@ class QuantSpec:
 
 
 @dataclass(frozen=True)
+class AttnSpec:
+    """Quantization of an attention module's two activation products (q @ kᵀ and attn @ v).
+
+    operands: the spec of q, k and v (each quantized along the product's reduction dim).
+    probs: the spec of the softmax probabilities: a static, per-tensor log format ("logsqrt2:B"
+        during calibration, which inference runs as two log2 parts; or "log2:B").
+    """
+
+    operands: QuantSpec
+    probs: QuantSpec
+
+    def __post_init__(self):
+        for name in ("operands", "probs"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, QuantSpec.from_dict(value))
+        if not isinstance(self.probs.fmt, formats.LogFormat) or self.probs.dynamic \
+                or self.probs.granularity != "tensor":
+            raise ValueError(f"attention probabilities need a static per-tensor log format "
+                             f"('log2:B' or 'logsqrt2:B'), got {self.probs}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class LayerRule:
     """Changes the recipe of the layers it selects. Later rules win over earlier ones.
 
@@ -143,6 +169,8 @@ class QuantConfig:
     weight quantizer per half (where the model's adapter finds such layers).
     timestep_buckets: static activation scales per range of the denoiser's timestep (B ranges with
     equally many calibration timesteps; 0 or 1: one range). Needs a `timestep` argument.
+    attn: quantize the activation products of the attention modules the model's adapter knows
+    (timm ViT); None leaves them in full precision (their qkv/proj Linear layers are still quantized).
     """
 
     name: str = "custom"
@@ -155,6 +183,7 @@ class QuantConfig:
     svd_iters: int = 1
     split_shortcut: bool = True
     timestep_buckets: int = 0
+    attn: AttnSpec | None = None
     exclude: tuple = ()
     rules: tuple = ()
     version: int = CONFIG_VERSION
@@ -164,6 +193,8 @@ class QuantConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, QuantSpec.from_dict(value))
+        if isinstance(self.attn, dict):
+            object.__setattr__(self, "attn", AttnSpec(**self.attn))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "rules", tuple(
             LayerRule(**r) if isinstance(r, dict) else r for r in self.rules))
@@ -190,7 +221,8 @@ class QuantConfig:
         """True when some activation scales are static (must be calibrated) or an algorithm needs
         activation statistics (smoothing with alpha search, GPTQ)."""
         specs = [self.act] + [r.act for r in self.rules if r.skip is not True]
-        return any(s is not None and not s.dynamic for s in specs) or self.smooth or self.gptq
+        return any(s is not None and not s.dynamic for s in specs) or self.smooth or self.gptq \
+            or self.attn is not None  # the probability quantizer is always static
 
     def with_overrides(self, **overrides) -> QuantConfig:
         """A copy with fields changed. `group_size=g` sets the group size of every group-wise spec."""
@@ -250,6 +282,19 @@ def _dyn_a(fmt, group=None, symmetric=True):
 _A8 = _dyn_a("int8", symmetric=False)
 
 
+def _vit(bits: int) -> QuantConfig:
+    """RepQ-ViT-style W/A recipe for timm ViTs: static per-tensor activations (fixed scales are what
+    integer ViT kernels consume, and the RepQ post-LayerNorm reparameterization targets them);
+    asymmetric for Linear inputs (post-GELU fc2 inputs are one-sided), symmetric for q, k, v.
+    The softmax scale is MSE-searched below the calibrated max: log codes are only ±19% apart, and
+    shifting the grid onto where the probabilities lie gained ~8 dB on a small ViT over min-max."""
+    return QuantConfig(
+        f"vit-w{bits}a{bits}", _int_w(bits, observer="mse" if bits < 8 else "minmax"),
+        QuantSpec(f"int{bits}", "tensor", symmetric=False, observer="mse" if bits < 8 else "minmax"),
+        attn=AttnSpec(QuantSpec(f"int{bits}", "tensor", observer="minmax"),
+                      QuantSpec(f"logsqrt2:{bits}", "tensor", observer="mse")))
+
+
 _PRESETS = {
     "w8a8": QuantConfig("w8a8", _int_w(8, observer="minmax"), _A8),
     "w8a8-static": QuantConfig("w8a8-static", _int_w(8, observer="minmax"),
@@ -262,6 +307,9 @@ _PRESETS = {
     "w4a4-svd": QuantConfig("w4a4-svd", _int_w(4, 64), _dyn_a("int4", 64), rank=32, smooth=True),
     "nvfp4-svd": QuantConfig("nvfp4-svd", QuantSpec("nvfp4", observer="minmax"),
                              QuantSpec("nvfp4", dynamic=True), rank=32, smooth=True),
+    "vit-w8a8": _vit(8),
+    "vit-w6a6": _vit(6),
+    "vit-w4a4": _vit(4),
 }
 
 PRESET_DESCRIPTIONS = {
@@ -274,6 +322,12 @@ PRESET_DESCRIPTIONS = {
     "w4a16": "INT4 weights in groups of 128, activations in full precision",
     "w4a4-svd": "SVDQuant: smoothing + rank-32 16-bit branch, INT4 group-64 weights and activations",
     "nvfp4-svd": "SVDQuant with NVFP4 (E2M1, blocks of 16, E4M3 scales) weights and activations",
+    "vit-w8a8": "timm ViT: INT8 weights per output channel, INT8 static per-tensor activations, "
+                "INT8 q/k/v and log-sqrt2 8-bit softmax in attention",
+    "vit-w6a6": "timm ViT: INT6 weights per output channel (MSE), INT6 static per-tensor activations, "
+                "INT6 q/k/v and log-sqrt2 6-bit softmax in attention",
+    "vit-w4a4": "timm ViT: INT4 weights per output channel (MSE), INT4 static per-tensor activations, "
+                "INT4 q/k/v and log-sqrt2 4-bit softmax in attention",
 }
 
 

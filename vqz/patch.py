@@ -5,6 +5,7 @@ import hashlib
 import json
 from fnmatch import fnmatchcase
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from torch import nn
 
@@ -17,13 +18,14 @@ class LayerPlan:
     """The recipe for one layer, as decided from the config and its rules."""
 
     name: str
-    kind: str  # "Linear" or "Conv2d"
+    kind: str  # "Linear", "Conv2d" or "Attention" (act: its q/k/v spec, probs: its softmax spec)
     weight: QuantSpec | None
     act: QuantSpec | None
     rank: int = 0
     smooth: bool = False
     splits: tuple = ()
     buckets: int = 0  # timestep ranges of the static activation scales (0: one range)
+    probs: QuantSpec | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -33,8 +35,8 @@ class LayerPlan:
     @classmethod
     def from_dict(cls, d: dict) -> LayerPlan:
         d = dict(d)
-        for key in ("weight", "act"):
-            d[key] = QuantSpec.from_dict(d[key]) if d[key] is not None else None
+        for key in ("weight", "act", "probs"):
+            d[key] = QuantSpec.from_dict(d[key]) if d.get(key) is not None else None
         d["splits"] = tuple(d["splits"])
         return cls(**d)
 
@@ -75,10 +77,12 @@ def _has_matrix_weight(module: nn.Module) -> bool:
 
 
 def plan_layers(model: nn.Module, cfg: QuantConfig, default_rules: tuple = (),
-                splits: dict | None = None, rank_is_explicit: bool = False) -> Plan:
+                splits: dict | None = None, rank_is_explicit: bool = False,
+                is_attention: Callable[[nn.Module], bool] | None = None) -> Plan:
     """Decide each layer's recipe. `default_rules` (a family adapter's) come before the config's
     own rules, so the user's rules override them; `cfg.exclude` always wins. `splits` maps Conv2d
-    names to their input-channel split points.
+    names to their input-channel split points. With `cfg.attn` set, the modules `is_attention`
+    (the family adapter's) recognises get an "Attention" plan; their Linear children keep their own.
 
     A low-rank branch needs rank < min(N, K) to leave anything to quantize. A rank the user asked
     for (`rank_is_explicit`, or a rule's rank) that exceeds min(N, K) is an error; a preset's
@@ -90,7 +94,8 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, default_rules: tuple = (),
         if isinstance(module, QuantModule):
             raise ValueError(f"layer {name!r} is already quantized; quantize a fresh copy of the "
                              f"full-precision model")
-        kind = layer_kind(module)
+        attention = cfg.attn is not None and is_attention is not None and is_attention(module)
+        kind = "Attention" if attention else layer_kind(module)
         if kind is None:
             if _has_matrix_weight(module) and not _inside_planned(name, plan):
                 plan.skipped.append(Skipped(name, type(module).__name__, "unsupported layer type"))
@@ -134,6 +139,9 @@ def _apply_rules(name: str, kind: str, cfg: QuantConfig, rules: tuple[LayerRule,
         return "excluded by a rule"
     if any(fnmatchcase(name, pattern) for pattern in cfg.exclude):
         return "excluded"
+    if kind == "Attention":  # rules only select or skip attention; its specs come from cfg.attn
+        return {"weight": None, "act": cfg.attn.operands, "probs": cfg.attn.probs,
+                "buckets": cfg.timestep_buckets, "rank_from_rule": False}
     buckets = cfg.timestep_buckets if act is not None and not act.dynamic else 0
     if kind == "Conv2d":
         if weight is None:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..nn import QuantConv2d, QuantLinear, QuantModule
+from ..nn import QuantAttention, QuantConv2d, QuantLinear, QuantModule
 from ..patch import LayerPlan
 from .gptq import gptq_quantize, input_hessian
 from .svd import svd_quantize
@@ -16,7 +16,10 @@ def quantize_layer(module: nn.Module, plan: LayerPlan, cfg: QuantConfig, stats=N
     branch, SVDQuant first (`stats`: the layer's calib.stats.InputStats, needed for smoothing and
     GPTQ). With `cfg.gptq`, a Linear weight (with SVDQuant, its residual R) is rounded by GPTQ
     with the Hessian of the layer's calibration input rows (smoothed: x / λ); Conv2d layers ignore
-    `cfg.gptq` and round to nearest."""
+    `cfg.gptq` and round to nearest. Attention wraps the module's own children (no weights of its
+    own); its qkv/proj Linear layers have plans of their own."""
+    if plan.kind == "Attention":
+        return QuantAttention(module, plan.act, plan.probs, plan.buckets)
     if plan.kind == "Conv2d":
         return QuantConv2d.from_float(module, plan.weight, plan.act, plan.splits, plan.buckets)
     gptq = cfg.gptq and plan.weight is not None
@@ -47,6 +50,8 @@ def _gptq(stats, smooth, plan: LayerPlan):
 def empty_layer(module: nn.Module, plan: LayerPlan) -> QuantModule:
     """The quantized layer `plan` describes, with uninitialised tensors on `module`'s device (meta
     included), ready to receive a checkpoint's state."""
+    if plan.kind == "Attention":
+        return QuantAttention(module, plan.act, plan.probs, plan.buckets)
     w = module.weight
     factory = {"device": w.device, "dtype": w.dtype}
     if plan.kind == "Conv2d":

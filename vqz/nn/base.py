@@ -15,6 +15,9 @@ class QuantModule(nn.Module):
     """
 
     act_enabled: bool = True
+    # True for modules whose quantizer inputs are computed inside forward (attention products):
+    # calibration sets their `observing` flag instead of handing them their inputs.
+    observes_in_forward: bool = False
 
     def act_quantizers(self) -> list[nn.Module]:
         """The activation quantizers (Quantizer or BucketedQuantizer) of this layer."""

@@ -11,10 +11,7 @@ rows cycle through the classes 0..9). On a machine without CUDA only a smoke tes
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,10 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from training import parse_budget, training_parser, warmup_cosine
+from vqz.pipelines.reference import (
+    NULL_CLASS,
+    build_dit,
+    build_unet,
+    load_reference,
+    noise_scheduler,
+    sample,
+)
 
 from vqz.eval.images import image_grid
-from vqz.pipelines.reference import (NULL_CLASS, build_dit, build_unet, load_reference,
-                                     noise_scheduler, sample)
 
 LEARNING_RATE = {"dit": 3e-4, "unet": 2e-4}
 WARMUP_STEPS = 200
@@ -34,21 +38,10 @@ LABEL_DROPOUT = 0.1
 
 
 def parse_args():
-    default_data = Path(os.environ.get("VQZ_DATA", "../shared/data")) / "cifar10" / "cifar10_test.npz"
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = training_parser(__doc__.split("\n\n")[0], batch_size=256)
     p.add_argument("--model", choices=["dit", "unet", "both"], default="both")
-    p.add_argument("--out", type=Path, default=Path("samples/reference"))
-    p.add_argument("--data", type=Path, default=default_data, help="CIFAR-10 npz (x uint8 [N,32,32,3], y)")
-    p.add_argument("--minutes", type=float, default=4.0, help="training time budget per model")
-    p.add_argument("--steps", type=int, default=None, help="stop after this many steps (smoke tests)")
-    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the sample grid")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training model")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    if args.minutes <= 0 or (args.steps is not None and args.steps <= 0):
-        p.error("--minutes and --steps must be positive")
-    return args
+    return parse_budget(p)
 
 
 def load_data(path: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +76,7 @@ def prepare_dit(model) -> None:
 
 
 def learning_rate(name: str, step: int, progress: float) -> float:
-    """Linear warmup over WARMUP_STEPS, then cosine decay over the run's progress in [0, 1]."""
-    return LEARNING_RATE[name] * min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(LEARNING_RATE[name], step, progress, WARMUP_STEPS)
 
 
 def train(name: str, data, args, device: torch.device):

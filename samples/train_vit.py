@@ -13,20 +13,25 @@ On a machine without CUDA only a smoke test (`--steps N`) runs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from vqz.pipelines.reference_vit import (NUM_CLASSES, VIT_DIR, build_vit, cifar10_split,
-                                         load_reference_vit, preprocess, save_vit, top1)
+from training import parse_budget, training_parser, warmup_cosine
+from vqz.pipelines.reference_vit import (
+    NUM_CLASSES,
+    VIT_DIR,
+    build_vit,
+    cifar10_split,
+    load_reference_vit,
+    preprocess,
+    save_vit,
+    top1,
+)
 
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.05
@@ -36,21 +41,10 @@ REPORT_SECONDS = 30
 
 
 def parse_args():
-    default_data = Path(os.environ.get("VQZ_DATA", "../shared/data")) / "cifar10" / "cifar10_test.npz"
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("samples/reference"))
-    p.add_argument("--data", type=Path, default=default_data, help="CIFAR-10 npz (x uint8 [N,32,32,3], y)")
-    p.add_argument("--minutes", type=float, default=4.0, help="training time budget")
-    p.add_argument("--steps", type=int, default=None, help="stop after this many steps (smoke tests)")
-    p.add_argument("--batch-size", type=int, default=512)
+    p = training_parser(__doc__.split("\n\n")[0], batch_size=512)
     p.add_argument("--held-out", type=int, default=2000, help="images kept out of training (stratified)")
     p.add_argument("--mix-prob", type=float, default=0.8, help="share of batches mixed by Mixup or CutMix")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training model")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    if args.minutes <= 0 or (args.steps is not None and args.steps <= 0):
-        p.error("--minutes and --steps must be positive")
-    return args
+    return parse_budget(p)
 
 
 def random_batch(images, labels, size: int):
@@ -87,8 +81,7 @@ def mix(x, targets):
 
 
 def learning_rate(step: int, progress: float) -> float:
-    """Linear warmup over WARMUP_STEPS, then cosine decay over the run's progress in [0, 1]."""
-    return LEARNING_RATE * min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(LEARNING_RATE, step, progress, WARMUP_STEPS)
 
 
 def param_groups(model):

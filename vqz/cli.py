@@ -77,7 +77,7 @@ def _generate(args) -> int:
     import torch
 
     import vqz
-    from .pipelines.loading import (denoiser_skeleton, load_pipeline, pipeline_with, read_source)
+    from .pipelines.loading import (denoiser_skeleton, pipeline_with, read_source)
 
     dtype = getattr(torch, DTYPES[args.dtype])
     if (args.preset is None) == (args.quantized is None):

@@ -12,14 +12,13 @@ rows cycle through the classes 0..9). On a machine without CUDA only a smoke tes
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from training import parse_budget, training_parser, warmup_cosine
+from training import parse_budget, training_device, training_parser, warmup_cosine
 from vqz.pipelines.reference import (
     NULL_CLASS,
     build_dit,
@@ -147,11 +146,7 @@ def save(name: str, ema, args, device: torch.device) -> None:
 
 def main():
     args = parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and args.steps is None:
-        sys.exit("no CUDA device: on the CPU this script only runs smoke tests; pass --steps N")
-    if not args.data.is_file():
-        sys.exit(f"no data at {args.data}: pass --data PATH to cifar10_test.npz or set VQZ_DATA")
+    device = training_device(args)
     # Near-zero gradients (the DiT's zero-initialised adaLN gates) are denormals, ~50x slower on CPUs.
     torch.set_flush_denormal(True)
     data = load_data(args.data, device)

@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from training import parse_budget, training_parser, warmup_cosine
+from training import parse_budget, training_device, training_parser, warmup_cosine
 from vqz.pipelines.reference_vit import (
     NUM_CLASSES,
     VIT_DIR,
@@ -172,11 +171,7 @@ def save(model, summary: dict, data, args, device: torch.device) -> None:
 
 def main():
     args = parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and args.steps is None:
-        sys.exit("no CUDA device: on the CPU this script only runs smoke tests; pass --steps N")
-    if not args.data.is_file():
-        sys.exit(f"no data at {args.data}: pass --data PATH to cifar10_test.npz or set VQZ_DATA")
+    device = training_device(args)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     data = [t.to(device) for t in cifar10_split(args.data, args.held_out)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
 
@@ -31,3 +32,15 @@ def parse_budget(p: argparse.ArgumentParser) -> argparse.Namespace:
 def warmup_cosine(base: float, step: int, progress: float, warmup: int) -> float:
     """Linear warmup over `warmup` steps, then cosine decay over the run's progress in [0, 1]."""
     return base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def training_device(args: argparse.Namespace):
+    """CUDA when there is one; on the CPU only smoke tests (--steps) run. Exits on missing data."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and args.steps is None:
+        sys.exit("no CUDA device: on the CPU this script only runs smoke tests; pass --steps N")
+    if not args.data.is_file():
+        sys.exit(f"no data at {args.data}: pass --data PATH to cifar10_test.npz or set VQZ_DATA")
+    return device

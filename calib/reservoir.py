@@ -28,6 +28,10 @@ class RowReservoir:
             rows = rows[keep]
         self._keys, self._rows = keys, rows
 
+    def transform(self, fn) -> None:
+        """Replace the kept rows by fn(rows) (the same rows, changed the way the stream would be)."""
+        self._rows = fn(self.sample)
+
     @property
     def sample(self) -> torch.Tensor:
         if self._rows is None:

@@ -16,6 +16,8 @@ class Adapter:
     splits(model): {Conv2d name: input-channel split points} for split-shortcut quantization.
     attention(module): whether `module` is an attention module vqz.nn.QuantAttention replaces
     (its products are quantized when the config has `attn`).
+    norm_consumers(model): {LayerNorm name: names of the Linear layers reading its output}, the
+    pairs a `repq` config reparameterizes.
     """
 
     name: str
@@ -24,6 +26,7 @@ class Adapter:
     notes: dict = field(default_factory=dict)
     splits: Callable[[nn.Module], dict] = lambda model: {}
     attention: Callable[[nn.Module], bool] = lambda module: False
+    norm_consumers: Callable[[nn.Module], dict] = lambda model: {}
 
 
 GENERIC = Adapter("generic", claims=lambda model: True)

@@ -34,7 +34,18 @@ def is_timm_attention(module: nn.Module) -> bool:
     return cls.__name__ == "Attention" and cls.__module__ in _ATTENTION_MODULES
 
 
+def norm_consumers(model: nn.Module) -> dict:
+    """Each block's norm1 feeds attn.qkv and norm2 feeds mlp.fc1."""
+    pairs = {}
+    for i, block in enumerate(getattr(model, "blocks", [])):
+        if isinstance(getattr(block, "norm1", None), nn.LayerNorm) and hasattr(block.attn, "qkv"):
+            pairs[f"blocks.{i}.norm1"] = [f"blocks.{i}.attn.qkv"]
+        if isinstance(getattr(block, "norm2", None), nn.LayerNorm) and hasattr(block.mlp, "fc1"):
+            pairs[f"blocks.{i}.norm2"] = [f"blocks.{i}.mlp.fc1"]
+    return pairs
+
+
 VIT = Adapter("timm-vit", claims=_claims,
               default_rules=tuple(LayerRule(p, skip=True) for p in NOTES),
-              notes=dict(NOTES), attention=is_timm_attention)
+              notes=dict(NOTES), attention=is_timm_attention, norm_consumers=norm_consumers)
 register_adapter(VIT)

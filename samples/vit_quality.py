@@ -16,11 +16,15 @@ import os
 import torch
 
 import vqz
+from vqz.config import AttnSpec
 from vqz.eval.outliers import inject_outliers
 from vqz.pipelines.reference_vit import cifar10_split, load_reference_vit, preprocess, top1
 
-NAIVE_W4A4 = vqz.QuantConfig("w4a4-per-tensor", weight=vqz.QuantSpec("int4", "tensor"),
-                             act=vqz.QuantSpec("int4", "tensor", symmetric=False))
+# Everything per tensor with min-max ranges, attention products and log2 softmax included.
+NAIVE_W4A4 = vqz.QuantConfig(
+    "w4a4-per-tensor", weight=vqz.QuantSpec("int4", "tensor"),
+    act=vqz.QuantSpec("int4", "tensor", symmetric=False),
+    attn=AttnSpec(vqz.QuantSpec("int4", "tensor"), vqz.QuantSpec("log2:4", "tensor")))
 VARIANTS = [("vit-w8a8", "vit-w8a8"), ("vit-w6a6", "vit-w6a6"), ("vit-w4a4", "vit-w4a4"),
             ("naive per-tensor W4A4", NAIVE_W4A4)]
 

@@ -8,6 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms.build import quantize_layer
+from .algorithms.repq import channel_balance, fold_into_layernorm
 from .calib import as_forward_loop, observe_layers
 from .calib.stats import collect_input_stats
 from .config import QuantConfig, resolve_config
@@ -63,8 +64,10 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
     if not plan.layers:
         raise ValueError(f"no layer of {type(target).__name__} was selected for quantization "
                          f"(supported: Linear, Conv2d, timm Attention); check the config's rules and exclude")
-    # Layers whose quantization reads their input statistics (smoothing, GPTQ's Hessian).
+    repq = _repq_pairs(target, cfg, adapter, plan)
+    # Layers whose quantization reads their input statistics (smoothing, GPTQ's Hessian, RepQ).
     needs_stats = [p.name for p in plan.layers if p.smooth or (cfg.gptq and p.kind == "Linear")]
+    needs_stats += [names[0] for names in repq.values() if names[0] not in needs_stats]
     static = any(s is not None and not s.dynamic for p in plan.layers for s in (p.act, p.probs))
     if (needs_stats or static) and calib is None:
         why = "static activation scales" if static else "smoothing or GPTQ"
@@ -83,6 +86,7 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
             tx.undo.append(lambda: detach_timestep_state(target))
             timesteps.history = []
         stats = collect_input_stats(target, needs_stats, loop) if needs_stats else {}
+        _reparameterize(target, repq, plan, stats, tx)
         if bucketed and not needs_stats:
             with torch.no_grad():
                 loop()  # only to learn the calibration timesteps
@@ -106,6 +110,33 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
         tx.rollback()
         raise
     return obj
+
+
+def _repq_pairs(target, cfg: QuantConfig, adapter, plan) -> dict:
+    """The adapter's LayerNorm -> consumers pairs whose consumers all have static activations."""
+    if not cfg.repq:
+        return {}
+    static = {p.name for p in plan.layers if p.kind == "Linear" and p.act is not None
+              and not p.act.dynamic}
+    return {norm: names for norm, names in adapter.norm_consumers(target).items()
+            if names and all(n in static for n in names)}
+
+
+def _reparameterize(target, pairs: dict, plan, stats: dict, tx: Transaction) -> None:
+    """RepQ: balance each LayerNorm's output channels for the per-tensor quantizers of its
+    consumers, in place (undone by the transaction on failure)."""
+    bits = {p.name: p.act.fmt.bits for p in plan.layers if p.act is not None}
+    for norm_name, names in pairs.items():
+        norm = target.get_submodule(norm_name)
+        consumers = [target.get_submodule(n) for n in names]
+        observed = stats[names[0]]
+        divisor, shift = channel_balance(observed.min, observed.max, bits[names[0]])
+        saved = [(t, t.detach().clone()) for m in (norm, *consumers) for t in (m.weight, m.bias)]
+        tx.undo.append(lambda saved=saved: [t.data.copy_(v) for t, v in saved])
+        fold_into_layernorm(norm, consumers, divisor, shift)
+        for name in names:
+            if name in stats:
+                stats[name].divide_and_shift(divisor, shift)
 
 
 def quant_state(obj) -> QuantState:

@@ -171,6 +171,9 @@ class QuantConfig:
     equally many calibration timesteps; 0 or 1: one range). Needs a `timestep` argument.
     attn: quantize the activation products of the attention modules the model's adapter knows
     (timm ViT); None leaves them in full precision (their qkv/proj Linear layers are still quantized).
+    repq: fold per-channel ranges of post-LayerNorm activations into the LayerNorm and its
+    consumers (RepQ-ViT), where the adapter names such pairs and the consumers' activations are
+    static; needs calibration data.
     """
 
     name: str = "custom"
@@ -183,6 +186,7 @@ class QuantConfig:
     svd_iters: int = 1
     split_shortcut: bool = True
     timestep_buckets: int = 0
+    repq: bool = False
     attn: AttnSpec | None = None
     exclude: tuple = ()
     rules: tuple = ()
@@ -292,7 +296,8 @@ def _vit(bits: int) -> QuantConfig:
         f"vit-w{bits}a{bits}", _int_w(bits, observer="mse" if bits < 8 else "minmax"),
         QuantSpec(f"int{bits}", "tensor", symmetric=False, observer="mse" if bits < 8 else "minmax"),
         attn=AttnSpec(QuantSpec(f"int{bits}", "tensor", observer="minmax"),
-                      QuantSpec(f"logsqrt2:{bits}", "tensor", observer="mse")))
+                      QuantSpec(f"logsqrt2:{bits}", "tensor", observer="mse")),
+        repq=True)
 
 
 _PRESETS = {

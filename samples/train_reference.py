@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from training import parse_budget, training_device, training_parser, warmup_cosine
+from training import (
+    budgeted_steps,
+    parse_budget,
+    training_device,
+    training_parser,
+    warmup_cosine,
+)
 from vqz.pipelines.reference import (
     NULL_CLASS,
     build_dit,
@@ -93,13 +99,8 @@ def train(name: str, data, args, device: torch.device):
     print(f"{name}: {n_params / 1e6:.2f}M parameters, batch {args.batch_size}, "
           f"{args.minutes:g} min" + (f" or {args.steps} steps" if args.steps else ""), flush=True)
 
-    budget = args.minutes * 60
-    step, running_loss, start = 0, torch.zeros((), device=device), time.perf_counter()
-    while True:
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget or (args.steps is not None and step >= args.steps):
-            break
-        progress = max(elapsed / budget, step / args.steps if args.steps else 0.0)
+    running_loss, start, done = torch.zeros((), device=device), time.perf_counter(), 0
+    for step, progress, elapsed in budgeted_steps(args):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(name, step, progress)
 
@@ -122,13 +123,13 @@ def train(name: str, data, args, device: torch.device):
             # the usual EMA warmup: early weights are forgotten quickly
             torch._foreach_lerp_(ema_params, params, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
         running_loss += loss.detach()
-        step += 1
-        if step % 200 == 0:
-            print(f"{name} step {step:6d}  loss {running_loss.item() / 200:.4f}  "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e}  {step / elapsed:.1f} steps/s", flush=True)
+        done = step + 1
+        if done % 200 == 0:
+            print(f"{name} step {done:6d}  loss {running_loss.item() / 200:.4f}  "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e}  {done / elapsed:.1f} steps/s", flush=True)
             running_loss.zero_()
     elapsed = time.perf_counter() - start
-    print(f"{name}: {step} steps in {elapsed:.0f} s ({step / elapsed:.1f} steps/s), "
+    print(f"{name}: {done} steps in {elapsed:.0f} s ({done / elapsed:.1f} steps/s), "
           f"last loss {loss.item():.4f}", flush=True)
     return ema
 

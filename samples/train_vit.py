@@ -20,7 +20,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from training import parse_budget, training_device, training_parser, warmup_cosine
+from training import (
+    budgeted_steps,
+    parse_budget,
+    training_device,
+    training_parser,
+    warmup_cosine,
+)
 from vqz.pipelines.reference_vit import (
     NUM_CLASSES,
     VIT_DIR,
@@ -114,14 +120,9 @@ def train(data, args, device: torch.device):
           f"batch {args.batch_size}, {args.minutes:g} min" + (f" or {args.steps} steps" if args.steps else ""),
           flush=True)
 
-    budget = args.minutes * 60
-    step, running_loss, start = 0, torch.zeros((), device=device), time.perf_counter()
+    running_loss, start, done = torch.zeros((), device=device), time.perf_counter(), 0
     last_report, last_report_step = start, 0
-    while True:
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget or (args.steps is not None and step >= args.steps):
-            break
-        progress = max(elapsed / budget, step / args.steps if args.steps else 0.0)
+    for step, progress, _ in budgeted_steps(args):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, progress)
 
@@ -138,21 +139,21 @@ def train(data, args, device: torch.device):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         running_loss += loss.detach()
-        step += 1
+        done = step + 1
         if time.perf_counter() - last_report >= REPORT_SECONDS:
             now = time.perf_counter()
-            print(f"vit step {step:6d}  {now - start:5.0f} s  train loss "
-                  f"{running_loss.item() / (step - last_report_step):.4f}  held-out top-1 "
+            print(f"vit step {done:6d}  {now - start:5.0f} s  train loss "
+                  f"{running_loss.item() / (done - last_report_step):.4f}  held-out top-1 "
                   f"{evaluate(model, held_x, held_y, device):.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
-                  f"{(step - last_report_step) / (now - last_report):.1f} steps/s", flush=True)
+                  f"{(done - last_report_step) / (now - last_report):.1f} steps/s", flush=True)
             running_loss.zero_()
-            last_report, last_report_step = time.perf_counter(), step
+            last_report, last_report_step = time.perf_counter(), done
     elapsed = time.perf_counter() - start
     acc = evaluate(model, held_x, held_y, device)
-    print(f"vit: {step} steps in {elapsed:.0f} s ({step / elapsed:.1f} steps/s, "
-          f"{step * args.batch_size / len(train_x):.0f} epochs), last loss {loss.item():.4f}, "
+    print(f"vit: {done} steps in {elapsed:.0f} s ({done / elapsed:.1f} steps/s, "
+          f"{done * args.batch_size / len(train_x):.0f} epochs), last loss {loss.item():.4f}, "
           f"held-out top-1 {acc:.4f}", flush=True)
-    return model, {"steps": step, "seconds": round(elapsed, 1), "parameters": n_params,
+    return model, {"steps": done, "seconds": round(elapsed, 1), "parameters": n_params,
                    "train_images": len(train_x), "held_out_images": len(held_x)}
 
 

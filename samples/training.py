@@ -5,6 +5,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -44,3 +45,15 @@ def training_device(args: argparse.Namespace):
     if not args.data.is_file():
         sys.exit(f"no data at {args.data}: pass --data PATH to cifar10_test.npz or set VQZ_DATA")
     return device
+
+
+def budgeted_steps(args: argparse.Namespace):
+    """(step, progress in [0, 1], seconds elapsed) for each training step, until the --minutes
+    budget or the --steps count runs out."""
+    budget, start, step = args.minutes * 60, time.perf_counter(), 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget or (args.steps is not None and step >= args.steps):
+            return
+        yield step, max(elapsed / budget, step / args.steps if args.steps else 0.0), elapsed
+        step += 1

@@ -17,11 +17,11 @@ import json
 import time
 
 import torch
-from vqz.pipelines.reference import load_reference, sample
 
 import vqz
 from vqz.eval.images import psnr, ssim
 from vqz.eval.outliers import inject_outliers
+from vqz.pipelines.reference import load_reference, sample
 
 NAIVE_W4A4 = vqz.QuantConfig(
     "w4a4-naive", weight=vqz.QuantSpec("int4", "group", 64, observer="minmax"),

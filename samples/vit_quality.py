@@ -14,16 +14,11 @@ import json
 import os
 
 import torch
-from vqz.pipelines.reference_vit import (
-    cifar10_split,
-    load_reference_vit,
-    preprocess,
-    top1,
-)
 
 import vqz
 from vqz.config import AttnSpec
 from vqz.eval.outliers import inject_outliers
+from vqz.pipelines.reference_vit import cifar10_split, load_reference_vit, preprocess, top1
 
 # Everything per tensor with min-max ranges, attention products and log2 softmax included.
 NAIVE_W4A4 = vqz.QuantConfig(

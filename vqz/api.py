@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from .algorithms.build import quantize_layer
 from .algorithms.repq import channel_balance, fold_into_layernorm
 from .calib import as_forward_loop, observe_layers
+from .calib.pipeline import is_pipeline
 from .calib.stats import collect_input_stats
 from .config import QuantConfig, resolve_config
 from .nn.timestep import (attach_timestep_state, bucket_edges, detach_timestep_state,
@@ -34,11 +35,9 @@ def resolve_target(obj) -> nn.Module:
     """The module to quantize: `obj` itself, or a diffusers pipeline's denoiser."""
     if isinstance(obj, nn.Module):
         return obj
+    if is_pipeline(obj):
+        return obj.transformer if isinstance(getattr(obj, "transformer", None), nn.Module) else obj.unet
     if hasattr(obj, "components"):
-        for attr in ("transformer", "unet"):
-            denoiser = getattr(obj, attr, None)
-            if isinstance(denoiser, nn.Module):
-                return denoiser
         raise TypeError(f"the pipeline {type(obj).__name__} has no .transformer or .unet to quantize")
     raise TypeError(f"vqz needs a torch.nn.Module or a diffusers pipeline, got {type(obj).__name__}")
 

@@ -18,6 +18,10 @@ class Adapter:
     (its products are quantized when the config has `attn`).
     norm_consumers(model): {LayerNorm name: names of the Linear layers reading its output}, the
     pairs a `repq` config reparameterizes.
+    family: the preset family whose recipes fit these models ("vit", "depth"; see
+    vqz.config.FAMILY_PRESETS): generic preset names resolve to that family's recipe, and another
+    family's recipe is refused. blocks(model): names of the blocks whose output a `reconstruct`
+    config matches (transformer layers, in execution order).
     """
 
     name: str
@@ -27,6 +31,8 @@ class Adapter:
     splits: Callable[[nn.Module], dict] = lambda model: {}
     attention: Callable[[nn.Module], bool] = lambda module: False
     norm_consumers: Callable[[nn.Module], dict] = lambda model: {}
+    family: str | None = None
+    blocks: Callable[[nn.Module], list] = lambda model: []
 
 
 GENERIC = Adapter("generic", claims=lambda model: True)

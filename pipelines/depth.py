@@ -55,10 +55,17 @@ def _claims(class_name: str):
     return claims
 
 
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """The backbone's transformer layers (`...encoder.layer.<i>`), in execution order: the blocks
+    whose outputs QuartDepth's weight reconstruction matches."""
+    return [name for name, module in model.named_modules()
+            if name.rpartition(".")[0].endswith("encoder.layer") and name.rpartition(".")[2].isdigit()]
+
+
 for _name, _rules in CLASSES.items():
     register_adapter(Adapter(_name, claims=_claims(_name),
                              default_rules=tuple(LayerRule(p, skip=True) for p in _rules),
-                             notes=dict(_rules)))
+                             notes=dict(_rules), family="depth", blocks=transformer_blocks))
 
 
 def is_depth_model(model: nn.Module) -> bool:

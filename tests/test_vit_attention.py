@@ -123,7 +123,8 @@ def test_attention_is_opt_in_and_adapter_claims_vit():
     assert adapter_for(model).name == "timm-vit"
     for preset in ("w8a8", "w4a4-svd", "fp8"):
         assert vqz.config.get_preset(preset).attn is None
-    q = vqz.quantize(copy.deepcopy(model), "w8a8")
+    # a config object is used as given: the generic w8a8, not the ViT recipe its name resolves to
+    q = vqz.quantize(copy.deepcopy(model), vqz.config.get_preset("w8a8"))
     assert not any(isinstance(m, QuantAttention) for m in q.modules())
     cfg = vqz.config.get_preset("vit-w8a8")
     assert vqz.QuantConfig.from_dict(cfg.to_dict()) == cfg

@@ -12,7 +12,8 @@ from .algorithms.repq import channel_balance, fold_into_layernorm
 from .calib import as_forward_loop, observe_layers
 from .calib.pipeline import is_pipeline
 from .calib.stats import collect_input_stats
-from .config import QuantConfig, resolve_config
+from .config import (FAMILY_DESCRIPTIONS, FAMILY_PRESETS, QuantConfig, preset_family,
+                     resolve_config)
 from .nn.timestep import (attach_timestep_state, bucket_edges, detach_timestep_state,
                           use_timestep_state)
 from .patch import Plan, Transaction, architecture_fingerprint, module_paths, plan_layers
@@ -29,6 +30,11 @@ class QuantState:
     plan: Plan
     fingerprint: str  # of the full-precision architecture
     architecture: str  # its class name
+    requested: str | None = None  # the preset name asked for, when the model's family renamed it
+
+
+def _requested(config, cfg: QuantConfig) -> str | None:
+    return config if isinstance(config, str) and config != cfg.name else None
 
 
 def resolve_target(obj) -> nn.Module:
@@ -52,11 +58,12 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
     If anything fails, `obj` is left exactly as it was.
     """
     target = resolve_target(obj)
-    cfg = resolve_config(config, **overrides)
+    adapter = adapter_for(target)
+    cfg = resolve_config(config, adapter.family, **overrides)
+    _check_family(cfg, adapter, target)
     if getattr(target, STATE_ATTR, None) is not None:
         raise ValueError("this model is already quantized; quantize a fresh copy of the "
                          "full-precision model")
-    adapter = adapter_for(target)
     splits = adapter.splits(target) if cfg.split_shortcut else {}
     plan = plan_layers(target, cfg, adapter.default_rules, splits,
                        rank_is_explicit="rank" in overrides, is_attention=adapter.attention)
@@ -76,7 +83,8 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
     bucketed = any(p.buckets > 1 for p in plan.layers)
     passes = bool(needs_stats) + static + (bucketed and not needs_stats)
     loop = None if calib is None else as_forward_loop(calib, obj, target, passes=passes)
-    state = QuantState(cfg, plan, architecture_fingerprint(target), type(target).__name__)
+    state = QuantState(cfg, plan, architecture_fingerprint(target), type(target).__name__,
+                       _requested(config, cfg))
     tx = Transaction(target)
     try:
         target.eval()  # calibration sees inference behaviour; restore_modes puts the flags back
@@ -109,6 +117,26 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
         tx.rollback()
         raise
     return obj
+
+
+def _check_family(cfg: QuantConfig, adapter, target) -> None:
+    """A recipe made for one model family (vit-*, depth-*) fits no other: refused before any change."""
+    family = preset_family(cfg.name)
+    if family is None or family == adapter.family:
+        return
+    generic = {v: k for k, v in FAMILY_PRESETS[family].items()}.get(cfg.name)
+    own = FAMILY_PRESETS.get(adapter.family, {})
+    if adapter.family is None:
+        what = "is not one of them"
+    else:
+        what = f"is one of the {FAMILY_DESCRIPTIONS[adapter.family]}"
+    if generic in own:
+        fix = f"use {own[generic]!r} (or just {generic!r}, which resolves to it for this model)"
+    else:
+        fix = ("use a generic preset such as 'w8a8' or 'w8a8-static'" if not own else
+               f"use one of {sorted(own.values())} (or the generic names {sorted(own)})")
+    raise ValueError(f"preset {cfg.name!r} is a recipe for {FAMILY_DESCRIPTIONS[family]}, but "
+                     f"{type(target).__name__} {what}; {fix}")
 
 
 def _repq_pairs(target, cfg: QuantConfig, adapter, plan) -> dict:
@@ -146,14 +174,16 @@ def quant_state(obj) -> QuantState:
 
 
 class Summary(list):
-    """Rows of vqz.summary, printed as a table."""
+    """Rows of vqz.summary, printed as a table under the recipe's name (`recipe`)."""
 
     COLUMNS = ("name", "type", "weight", "act", "group", "rank", "calib", "status")
+    recipe = ""
 
     def __str__(self) -> str:
         cells = [self.COLUMNS] + [tuple(str(row[c]) for c in self.COLUMNS) for row in self]
         widths = [max(len(r[i]) for r in cells) for i in range(len(self.COLUMNS))]
-        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
+        table = "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
+        return f"recipe: {self.recipe}\n{table}" if self.recipe else table
 
 
 def summary(obj) -> Summary:
@@ -161,6 +191,8 @@ def summary(obj) -> Summary:
     calibration statistic of their activations; full-precision ones with the reason."""
     state = quant_state(obj)
     rows = Summary()
+    rows.recipe = state.config.name + (f" (asked for {state.requested!r}, this model family's recipe "
+                                       f"of that name)" if state.requested else "")
     for p in state.plan.layers:
         groups = {s.group_size for s in (p.weight, p.act) if s is not None and s.group_size}
         rows.append({

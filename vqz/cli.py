@@ -21,10 +21,10 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def _quantize(args) -> int:
     import vqz
-    from .config import get_preset
+    from .config import check_preset_name
     from .pipelines.loading import SOURCE_NAME, is_diffusers_source
 
-    get_preset(args.preset)  # fail on a bad name before loading the model
+    check_preset_name(args.preset)  # fail on a bad name before loading the model
     if is_diffusers_source(args.model):
         model, source = _quantized_pipeline(args)
     else:

@@ -174,6 +174,12 @@ class QuantConfig:
     repq: fold per-channel ranges of post-LayerNorm activations into the LayerNorm and its
     consumers (RepQ-ViT), where the adapter names such pairs and the consumers' activations are
     static; needs calibration data.
+    polish, compensate, reconstruct (QuartDepth; Linear layers with quantized activations; need
+    calibration data): `polish` quantizes activations in a log domain with a per-channel offset α;
+    `compensate` refits each weight to the layer's fp output from its quantized input (damped
+    least squares) and rounds it with GPTQ; `reconstruct` > 0 learns the weights' rounding
+    (AdaRound) for that many steps per block against the block's fp output (blocks named by the
+    model's adapter).
     """
 
     name: str = "custom"
@@ -188,6 +194,9 @@ class QuantConfig:
     timestep_buckets: int = 0
     repq: bool = False
     attn: AttnSpec | None = None
+    polish: bool = False
+    compensate: bool = False
+    reconstruct: int = 0
     exclude: tuple = ()
     rules: tuple = ()
     version: int = CONFIG_VERSION
@@ -219,6 +228,11 @@ class QuantConfig:
             raise ValueError(f"svd_iters must be >= 1, got {self.svd_iters}")
         if self.rank and self.weight is None:
             raise ValueError("a low-rank branch (rank > 0) needs a weight spec")
+        if not isinstance(self.reconstruct, int) or self.reconstruct < 0:
+            raise ValueError(f"reconstruct must be an integer >= 0 (steps), got {self.reconstruct!r}")
+        if (self.polish or self.compensate or self.reconstruct) and self.act is None:
+            raise ValueError("polish, compensate and reconstruct work on quantized activations; "
+                             "give the config an act spec")
 
     @property
     def needs_calibration(self) -> bool:
@@ -226,7 +240,8 @@ class QuantConfig:
         activation statistics (smoothing with alpha search, GPTQ)."""
         specs = [self.act] + [r.act for r in self.rules if r.skip is not True]
         return any(s is not None and not s.dynamic for s in specs) or self.smooth or self.gptq \
-            or self.attn is not None  # the probability quantizer is always static
+            or self.attn is not None \
+            or self.polish or self.compensate or bool(self.reconstruct)  # need input statistics
 
     def with_overrides(self, **overrides) -> QuantConfig:
         """A copy with fields changed. `group_size=g` sets the group size of every group-wise spec."""
@@ -300,6 +315,16 @@ def _vit(bits: int) -> QuantConfig:
         repq=True)
 
 
+def _depth(w_bits: int, a_bits: int, reconstruct: int) -> QuantConfig:
+    """QuartDepth-style recipe for depth estimators: per-channel weights, static per-tensor
+    activations quantized in the polished (log) domain, weights compensated for the activation
+    error; at 4-bit weights, learned rounding per transformer block."""
+    return QuantConfig(
+        f"depth-w{w_bits}a{a_bits}", _int_w(w_bits, observer="mse" if w_bits < 8 else "minmax"),
+        QuantSpec(f"int{a_bits}", "tensor", symmetric=False, observer="mse"),
+        polish=True, compensate=True, reconstruct=reconstruct)
+
+
 _PRESETS = {
     "w8a8": QuantConfig("w8a8", _int_w(8, observer="minmax"), _A8),
     "w8a8-static": QuantConfig("w8a8-static", _int_w(8, observer="minmax"),
@@ -315,6 +340,21 @@ _PRESETS = {
     "vit-w8a8": _vit(8),
     "vit-w6a6": _vit(6),
     "vit-w4a4": _vit(4),
+    "depth-w8a8": _depth(8, 8, 0),
+    "depth-w4a8": _depth(4, 8, 200),
+    "depth-w4a4": _depth(4, 4, 200),
+}
+
+# Recipes made for one model family, and the generic names that family's adapter resolves to them
+# (vqz.quantize(timm_vit, "w8a8") runs "vit-w8a8"). A family recipe on a model of another family
+# is refused; a QuantConfig object is used as given.
+FAMILY_PRESETS = {
+    "vit": {"w8a8": "vit-w8a8", "w6a6": "vit-w6a6", "w4a4": "vit-w4a4"},
+    "depth": {"w8a8": "depth-w8a8", "w4a8": "depth-w4a8", "w4a4": "depth-w4a4"},
+}
+FAMILY_DESCRIPTIONS = {
+    "vit": "timm vision-transformer classifiers (ViT, DeiT, DeiT-III, Swin, EVA, BEiT)",
+    "depth": "depth estimators (Depth Anything, DPT)",
 }
 
 PRESET_DESCRIPTIONS = {
@@ -333,6 +373,12 @@ PRESET_DESCRIPTIONS = {
                 "INT6 q/k/v and log-sqrt2 6-bit softmax in attention",
     "vit-w4a4": "timm ViT: INT4 weights per output channel (MSE), INT4 static per-tensor activations, "
                 "INT4 q/k/v and log-sqrt2 4-bit softmax in attention",
+    "depth-w8a8": "depth: INT8 weights per output channel, INT8 static per-tensor polished (log-domain) "
+                  "activations, compensated weights",
+    "depth-w4a8": "depth: INT4 weights per output channel (MSE), INT8 polished activations, compensated "
+                  "weights, learned rounding per block (200 steps)",
+    "depth-w4a4": "depth: INT4 weights per output channel (MSE), INT4 polished activations, compensated "
+                  "weights, learned rounding per block (200 steps)",
 }
 
 
@@ -341,16 +387,36 @@ def presets() -> list[str]:
     return list(_PRESETS)
 
 
+def preset_family(name: str) -> str | None:
+    """The model family a preset is made for ("vit", "depth"), or None for generic recipes."""
+    return next((f for f, names in FAMILY_PRESETS.items() if name in names.values()), None)
+
+
+def family_preset_name(name: str, family: str | None) -> str:
+    """The recipe a preset name means for a model of `family` ("w8a8" -> "vit-w8a8" for "vit")."""
+    return FAMILY_PRESETS.get(family, {}).get(name, name)
+
+
+def check_preset_name(name: str) -> None:
+    """Raise ValueError unless `name` is a preset or a generic name some family resolves."""
+    if name not in _PRESETS and not any(name in names for names in FAMILY_PRESETS.values()):
+        get_preset(name)
+
+
 def get_preset(name: str) -> QuantConfig:
     if name not in _PRESETS:
-        raise ValueError(f"unknown preset {name!r}; the presets are: {', '.join(_PRESETS)}")
+        families = [f"{FAMILY_DESCRIPTIONS[f]}: {names[name]!r}"
+                    for f, names in FAMILY_PRESETS.items() if name in names]
+        hint = f" ({name!r} names a family recipe only: {'; '.join(families)})" if families else ""
+        raise ValueError(f"unknown preset {name!r}{hint}; the presets are: {', '.join(_PRESETS)}")
     return _PRESETS[name]
 
 
-def resolve_config(config, **overrides) -> QuantConfig:
-    """A preset name or a QuantConfig (or its dict), with overrides applied."""
+def resolve_config(config, family: str | None = None, **overrides) -> QuantConfig:
+    """A preset name (resolved for a model of `family`, see FAMILY_PRESETS) or a QuantConfig (or
+    its dict), with overrides applied."""
     if isinstance(config, str):
-        cfg = get_preset(config)
+        cfg = get_preset(family_preset_name(config, family))
     elif isinstance(config, QuantConfig):
         cfg = config
     elif isinstance(config, dict):

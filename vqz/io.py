@@ -50,6 +50,7 @@ def save(obj, path) -> Path:
         "skipped": json.dumps([vars(s) for s in state.plan.skipped]),
         "architecture": state.architecture,
         "fingerprint": state.fingerprint,
+        **({"requested_preset": state.requested} if state.requested else {}),
     }
     save_file(tensors, str(file), metadata=metadata)
     return file
@@ -104,7 +105,8 @@ def load(obj, path):
         _check_tensors(target, tensors)
         target.load_state_dict(tensors, strict=True, assign=True)
         tx.restore_modes()
-        setattr(target, STATE_ATTR, QuantState(cfg, plan, fingerprint, type(target).__name__))
+        setattr(target, STATE_ATTR, QuantState(cfg, plan, fingerprint, type(target).__name__,
+                                                metadata.get("requested_preset")))
     except BaseException:
         tx.rollback()
         raise

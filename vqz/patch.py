@@ -10,7 +10,7 @@ from typing import Callable
 from torch import nn
 
 from .config import LayerRule, QuantConfig, QuantSpec
-from .nn import QuantModule
+from .nn import QuantModule, attention_wrapper
 
 
 @dataclass(frozen=True)
@@ -90,19 +90,25 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, default_rules: tuple = (),
     splits = splits or {}
     rules = tuple(default_rules) + cfg.rules
     plan, too_big = Plan(), []
+    unwrapped_reads = {}  # Linear children read through .weight by an attention left unwrapped
     for name, module in model.named_modules():
         if isinstance(module, QuantModule):
             raise ValueError(f"layer {name!r} is already quantized; quantize a fresh copy of the "
                              f"full-precision model")
-        attention = cfg.attn is not None and is_attention is not None and is_attention(module)
-        kind = "Attention" if attention else layer_kind(module)
+        if name in unwrapped_reads:
+            plan.skipped.append(Skipped(name, type(module).__name__, unwrapped_reads[name]))
+            continue
+        claimed = is_attention is not None and is_attention(module)
+        kind = "Attention" if claimed and cfg.attn is not None else layer_kind(module)
         if kind is None:
             if _has_matrix_weight(module) and not _inside_planned(name, plan):
                 plan.skipped.append(Skipped(name, type(module).__name__, "unsupported layer type"))
+            _note_weight_reads(name, module, claimed, unwrapped_reads)
             continue
         recipe = _apply_rules(name, kind, cfg, rules)
         if isinstance(recipe, str):
             plan.skipped.append(Skipped(name, kind, recipe))
+            _note_weight_reads(name, module, claimed, unwrapped_reads)
             continue
         explicit = recipe.pop("rank_from_rule") or rank_is_explicit
         if recipe.get("rank"):
@@ -116,6 +122,17 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, default_rules: tuple = (),
         raise ValueError(f"low-rank branch rank larger than the layer allows (name, rank, "
                          f"min(N, K)): {too_big[:5]}; pass a smaller rank= or exclude these layers")
     return plan
+
+
+def _note_weight_reads(name: str, module: nn.Module, claimed: bool, reads: dict) -> None:
+    """An attention module left in full precision keeps its own forward; children it reads
+    through `.weight` must then stay nn.Linear."""
+    if not claimed:
+        return
+    for child in attention_wrapper(module).weight_read_children(module):
+        reads[f"{name}.{child}"] = (f"{type(module).__name__} reads this layer's weight directly "
+                                    f"(F.linear with its q/v biases); it is quantized only together "
+                                    f"with the attention (a config with attn=, such as 'vit-w8a8')")
 
 
 def _inside_planned(name: str, plan: Plan) -> bool:

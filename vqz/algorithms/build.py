@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..nn import QuantAttention, QuantConv2d, QuantLinear, QuantModule
+from ..nn import QuantConv2d, QuantLinear, QuantModule, attention_wrapper
 from ..patch import LayerPlan
 from .gptq import gptq_quantize, input_hessian
 from .svd import svd_quantize
@@ -19,7 +19,7 @@ def quantize_layer(module: nn.Module, plan: LayerPlan, cfg: QuantConfig, stats=N
     `cfg.gptq` and round to nearest. Attention wraps the module's own children (no weights of its
     own); its qkv/proj Linear layers have plans of their own."""
     if plan.kind == "Attention":
-        return QuantAttention(module, plan.act, plan.probs, plan.buckets)
+        return attention_wrapper(module)(module, plan.act, plan.probs, plan.buckets)
     if plan.kind == "Conv2d":
         return QuantConv2d.from_float(module, plan.weight, plan.act, plan.splits, plan.buckets)
     gptq = cfg.gptq and plan.weight is not None
@@ -51,7 +51,7 @@ def empty_layer(module: nn.Module, plan: LayerPlan) -> QuantModule:
     """The quantized layer `plan` describes, with uninitialised tensors on `module`'s device (meta
     included), ready to receive a checkpoint's state."""
     if plan.kind == "Attention":
-        return QuantAttention(module, plan.act, plan.probs, plan.buckets)
+        return attention_wrapper(module)(module, plan.act, plan.probs, plan.buckets)
     w = module.weight
     factory = {"device": w.device, "dtype": w.dtype}
     if plan.kind == "Conv2d":

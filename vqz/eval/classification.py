@@ -110,10 +110,11 @@ def imagenet_eval(model_name: str, data, preset: str, checkpoint=None, calib_dat
     import vqz
     from timm.data import create_transform
 
-    from ..config import get_preset
+    from ..config import check_preset_name, resolve_config
+    from ..pipelines import adapter_for
     from ..pipelines.loading import load_model
 
-    get_preset(preset)  # a bad name fails before any loading
+    check_preset_name(preset)  # a bad name fails before any loading
     if batch_size < 1 or calib_count < 1 or (limit is not None and limit < 1):
         raise ValueError("batch_size, calib_count and limit must be positive integers")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,7 +137,7 @@ def imagenet_eval(model_name: str, data, preset: str, checkpoint=None, calib_dat
     model.to(device)
     full = evaluate_top_k(model, loader, progress=progress)
     calib = calib_source = None
-    if get_preset(preset).needs_calibration or calib_data is not None:
+    if resolve_config(preset, adapter_for(model).family).needs_calibration or calib_data is not None:
         calib_source = Path(calib_data if calib_data is not None else data)
         calib = _calibration(calib_source, transform, calib_count, batch_size)
     quantized = vqz.quantize(copy.deepcopy(model), preset, calib=calib)

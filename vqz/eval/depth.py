@@ -276,21 +276,23 @@ def depth_eval(model_id, data, preset: str, *, dataset: str = "nyu", align: str 
     """
     import vqz
 
-    from ..config import get_preset
+    from ..config import check_preset_name, resolve_config
+    from ..pipelines import adapter_for
     from ..pipelines.depth import default_alignment, depth_forward
 
-    cfg = get_preset(preset)  # fail on a bad name before loading anything
+    check_preset_name(preset)  # fail on a bad name before loading anything
     if dataset not in DATASETS:
         raise ValueError(f"dataset {dataset!r} is not one of {sorted(DATASETS)}")
     folder = DepthFolder(data)
     model, processor = load_depth_model(model_id)
+    cfg = resolve_config(preset, adapter_for(model).family)
     align = align or default_alignment(model)
     if align not in ALIGNMENTS:
         raise ValueError(f"align {align!r} is not one of {ALIGNMENTS}")
     # dynamic-activation presets (w8a8, w4a4) have nothing to calibrate
     n = min(calib_count, len(folder)) if cfg.needs_calibration else 0
     calib = [{"pixel_values": pixel_values(processor, folder[i][0])} for i in range(n)]
-    quantized = vqz.quantize(copy.deepcopy(model), cfg, calib=calib or None)
+    quantized = vqz.quantize(copy.deepcopy(model), preset, calib=calib or None)
     results = {}
     for name, m in (("full_precision", model), ("quantized", quantized)):
         results[name] = evaluate_depth(lambda x, m=m: depth_forward(m, x), folder, processor,

@@ -5,5 +5,7 @@ reference: it returns a callable running the layer on a fused kernel, or None to
 Triton is optional: without it (or without CUDA) every layer runs its reference path.
 """
 from .dispatch import linear_impl, register_linear_kernel, triton_available
+from .runtime import LAYOUTS, kernel_kind, prepare_model
 
-__all__ = ["linear_impl", "register_linear_kernel", "triton_available"]
+__all__ = ["LAYOUTS", "kernel_kind", "linear_impl", "prepare_model", "register_linear_kernel",
+           "triton_available"]

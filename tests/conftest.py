@@ -1,9 +1,15 @@
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+# Without a GPU the Triton kernels run in Triton's interpreter (read when a kernel is defined, so
+# this must precede any import of them).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 class MLP(nn.Module):

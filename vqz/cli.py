@@ -8,9 +8,6 @@ from pathlib import Path
 
 from .config import PRESET_DESCRIPTIONS, presets
 
-NOT_YET = {
-    "bench": "kernel benchmarks",
-}
 EVAL_NOT_YET = {
     "images": "image metrics (PSNR, SSIM, LPIPS, FID)",
 }
@@ -220,10 +217,11 @@ def _eval_parser(sub) -> None:
         group.add_parser(name, help=f"{what} (not available yet)").set_defaults(func=_eval_not_yet)
 
 
-def _not_yet(args) -> int:
-    print(f"vqz {args.command}: {NOT_YET[args.command]} is not available in vqz "
-          f"{_version()} yet.", file=sys.stderr)
-    return 2
+def _bench_kernels(args) -> int:
+    from .kernels.bench import run
+
+    run(args.json, quick=args.quick)
+    return 0
 
 
 def _version() -> str:
@@ -286,16 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _eval_parser(sub)
 
-    for name, what in NOT_YET.items():
-        p = sub.add_parser(name, help=f"{what} (not available yet)")
-        p.set_defaults(func=_not_yet)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command",
+                                                                     required=True)
+    p = bench.add_parser("kernels", help="quantized linear kernels vs cuBLAS BF16 on the layer "
+                         "shapes of FLUX, SDXL, PixArt, Wan and ViT-B (needs CUDA)")
+    p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--quick", action="store_true", help="two shapes only, no transformer block")
+    p.set_defaults(func=_bench_kernels)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.func not in (_not_yet, _eval_not_yet):
+    if extra and args.func is not _eval_not_yet:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)

@@ -31,6 +31,10 @@ class QuantSpec:
     observer: how static scales are chosen: "minmax", "percentile" (of |x|) or "mse" (Lp-error
         grid search over clipping ratios, p = `lp`).
     learnable: scale and offset become trainable parameters (LSQ+) for QAT.
+    int_group_scales: 0, or L (a power of two) for two-level group scales: each row's group scales
+        are integers 1..L times one fp32 scale per row, so `code * group multiplier` fits int8 and
+        the GPU kernels run a plain INT8 GEMM with all fp work in the epilogue (DESIGN §4). Group
+        scales are rounded up to the next multiple, so nothing is clipped that fp scales keep.
     """
 
     format: str = "int8"
@@ -43,9 +47,11 @@ class QuantSpec:
     lp: float = 2.0
     axis: int = 0
     learnable: bool = False
+    int_group_scales: int = 0
 
     def __post_init__(self):
         fmt = formats.get_format(self.format)  # raises ValueError for unknown names and bad bits
+        object.__setattr__(self, "_fmt", fmt)  # looked up once: torch.compile traces `fmt` cheaply
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity {self.granularity!r} is not one of {GRANULARITIES}")
         block = getattr(fmt, "block_size", None)
@@ -76,10 +82,24 @@ class QuantSpec:
             raise ValueError(f"lp must be positive, got {self.lp}")
         if not self.symmetric and not isinstance(fmt, formats.IntFormat):
             raise ValueError(f"asymmetric quantization needs an INT format, {self.format} is not one")
+        if self.int_group_scales:
+            self._check_int_group_scales(fmt)
+
+    def _check_int_group_scales(self, fmt) -> None:
+        levels = self.int_group_scales
+        if not isinstance(levels, int) or levels < 2 or levels & (levels - 1):
+            raise ValueError(f"int_group_scales must be 0 or a power of two >= 2, got {levels!r}")
+        if self.granularity != "group" or not isinstance(fmt, formats.IntFormat) \
+                or not self.symmetric or self.learnable:
+            raise ValueError("int_group_scales needs a symmetric INT format with "
+                             "granularity='group' and learnable=False")
+        if -fmt.qmin * levels > 128:
+            raise ValueError(f"int_group_scales={levels} with {self.format} codes down to {fmt.qmin} "
+                             f"overflows int8; use at most {128 // -fmt.qmin}")
 
     @property
     def fmt(self):
-        return formats.get_format(self.format)
+        return self._fmt
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

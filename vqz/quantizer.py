@@ -17,6 +17,11 @@ Symmetric: scale = absmax / fmt.max_value, x ~ code * scale. Asymmetric (INT onl
 format of the same bits, scale = (max - min) / qmax, zero_point = round(-min / scale) in [0, qmax],
 x ~ (code - zero_point) * scale; zero_point is float32 (integer-valued unless learned by LSQ+).
 Block formats (MXFP4, NVFP4) carry their own scales and are always computed from x.
+
+Two-level group scales (`spec.int_group_scales = L`): every row's group scales are integer
+multiples 1..L of one unit scale per row (group scales are rounded up to the next multiple). The
+quantizer holds the effective scales as above; `quantize` returns them split, "scale" [..., 1] the
+unit and "group_scale" [..., G] (uint8) the multipliers.
 """
 from __future__ import annotations
 
@@ -63,6 +68,13 @@ def _from_code_domain(v: Tensor, scale: Tensor, zero_point: Tensor | None) -> Te
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+def split_two_level(scale: Tensor, levels: int) -> tuple[Tensor, Tensor]:
+    """Effective two-level group scales [..., G] -> (unit [..., 1] float32, multipliers [..., G]
+    uint8). Exact: the largest multiplier is L, a power of two, so unit = max / L is recovered."""
+    unit = scale.amax(-1, keepdim=True) / levels
+    return unit, torch.round(scale / unit).to(torch.uint8)
 
 
 class Quantizer(nn.Module):
@@ -121,7 +133,7 @@ class Quantizer(nn.Module):
         with torch.no_grad():
             lo, hi = self._clip_range()
             scale, zero_point = self._qparams(lo, hi)
-        self._set_qparams(scale.reshape(self._shape),
+        self._set_qparams(self._two_level(scale.reshape(self._shape)),
                           None if zero_point is None else zero_point.reshape(self._shape))
         self._reset_stats()
 
@@ -255,6 +267,8 @@ class Quantizer(nn.Module):
         v = _to_code_domain(x.to(_work_dtype(x.dtype)), self._expand(scale, x),
                             self._expand(zero_point, x))
         q = {"codes": self.fmt.encode(v), "scale": scale.detach().clone()}
+        if self.spec.int_group_scales:
+            q["scale"], q["group_scale"] = split_two_level(q["scale"], self.spec.int_group_scales)
         if zero_point is not None:
             q["zero_point"] = zero_point.detach().clone()
         return q
@@ -264,7 +278,10 @@ class Quantizer(nn.Module):
         if self._block:
             return self.fmt.decode(BlockCodes(q["codes"], q["scale"], q.get("tensor_scale")), dtype)
         codes = q["codes"]
-        scale = self._expand(q["scale"], codes)
+        scale = q["scale"]
+        if "group_scale" in q:
+            scale = scale * q["group_scale"].float()
+        scale = self._expand(scale, codes)
         zero_point = self._expand(q.get("zero_point"), codes)
         values = self.fmt.decode(codes, _work_dtype(dtype))
         return _from_code_domain(values, scale, zero_point).to(dtype)
@@ -280,7 +297,7 @@ class Quantizer(nn.Module):
             with torch.no_grad():
                 v, shape = self._granules(x, per_row=True)
                 scale, zero_point = self._qparams(*self._minmax(v))
-            return scale.reshape(shape), None if zero_point is None else zero_point.reshape(shape)
+            return self._two_level(scale.reshape(shape)), None if zero_point is None else zero_point.reshape(shape)
         if not self.calibrated:
             raise RuntimeError("this static quantizer is not calibrated: call observe(x) on "
                                "calibration batches and then finalize() (or fit(w) for a weight), "
@@ -296,6 +313,15 @@ class Quantizer(nn.Module):
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # the range holds 0, so 0 stays exact
         scale = ((hi - lo).clamp(min=_RANGE_FLOOR) / self.fmt.qmax).float()
         return scale, (-lo / scale).round().clamp(0, self.fmt.qmax).float()
+
+    def _two_level(self, scale: Tensor) -> Tensor:
+        """Group scales [..., G] rounded up to integer multiples 1..L of their row's unit (max / L);
+        unchanged unless the spec asks for two-level scales."""
+        levels = self.spec.int_group_scales
+        if not levels:
+            return scale
+        unit = scale.amax(-1, keepdim=True) / levels
+        return unit * torch.ceil(scale / unit).clamp(1, levels)
 
     def _minmax(self, v: Tensor) -> tuple[Tensor | None, Tensor]:
         """Per-granule (min, max) of v [C, M]; symmetric: (None, max|v|)."""

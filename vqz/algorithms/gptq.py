@@ -11,10 +11,11 @@ later blocks once per block (lazy batch updates).
 from __future__ import annotations
 
 import torch
+from dataclasses import replace
 
 from ..config import QuantSpec
 from ..formats import BlockCodes, BlockFormat
-from ..quantizer import Quantizer
+from ..quantizer import Quantizer, split_two_level
 
 
 def input_hessian(x: torch.Tensor) -> torch.Tensor:
@@ -98,9 +99,18 @@ class _ElementRounding:
         self.grouped = spec.granularity == "group"
         self.quantizer = None if self.grouped else Quantizer(spec).fit(w)
         self.scales, self.zero_points = [], []
+        self.levels = spec.int_group_scales
+        if self.levels:
+            # Two-level scales: each row's unit is fixed from the whole weight; a group's
+            # multiplier is chosen from its updated columns (clipped at L if they grew).
+            self.unit = split_two_level(Quantizer(spec).fit(w).scale, self.levels)[0]
+            self.spec = replace(spec, int_group_scales=0)
 
     def start_group(self, cols: torch.Tensor) -> None:
         self.quantizer = Quantizer(self.spec).fit(cols)
+        if self.levels:
+            scale = self.quantizer.scale
+            self.quantizer.scale = self.unit * torch.ceil(scale / self.unit).clamp(1, self.levels)
         self.scales.append(self.quantizer.scale.detach().clone())
         if not self.spec.symmetric:
             self.zero_points.append(self.quantizer.zero_point.detach().clone())
@@ -117,6 +127,9 @@ class _ElementRounding:
                 out["zero_point"] = self.quantizer.zero_point.detach().clone()
             return out
         out = {"scale": torch.cat(self.scales, dim=1)}
+        if self.levels:
+            out["group_scale"] = torch.round(out["scale"] / self.unit).to(torch.uint8)
+            out["scale"] = self.unit
         if not self.spec.symmetric:
             out["zero_point"] = torch.cat(self.zero_points, dim=1)
         return out
@@ -155,6 +168,9 @@ class _BlockRounding:
 
     def params(self) -> dict[str, torch.Tensor]:
         out = {"scale": torch.cat(self.scales, dim=1)}
+        if self.levels:
+            out["group_scale"] = torch.round(out["scale"] / self.unit).to(torch.uint8)
+            out["scale"] = self.unit
         if self.tensor_scale is not None:
             out["tensor_scale"] = self.tensor_scale
         return out

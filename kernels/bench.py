@@ -1,0 +1,240 @@
+"""`vqz bench kernels`: the quantized linear paths against cuBLAS BF16 on the layer shapes of FLUX,
+SDXL, PixArt-Σ, Wan 2.1 and ViT-B, plus a FLUX transformer block, BF16 vs w4a4-svd.
+
+Times are medians of CUDA-graph replays (launch gaps removed, the same for every path), each replay
+cycling through enough copies of the weights and inputs to exceed the L2 cache. Ratios are only
+meaningful within one run on one card.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+# (model, layer, M tokens, N, K)
+SHAPES = [
+    ("FLUX 1024²", "attn qkv", 4608, 9216, 3072), ("FLUX 1024²", "mlp up", 4608, 12288, 3072),
+    ("FLUX 1024²", "mlp down", 4608, 3072, 12288), ("FLUX 1024²", "attn out", 4608, 3072, 3072),
+    ("FLUX 512²", "attn qkv", 1024, 9216, 3072), ("FLUX 512²", "mlp up", 1024, 12288, 3072),
+    ("FLUX 512²", "mlp down", 1024, 3072, 12288), ("FLUX 512²", "attn out", 1024, 3072, 3072),
+    ("SDXL 1024² (64² level)", "ff in (GEGLU)", 4096, 5120, 640),
+    ("SDXL 1024² (32² level)", "ff in (GEGLU)", 1024, 10240, 1280),
+    ("PixArt-Σ 1024²", "mlp up", 4096, 4608, 1152), ("PixArt-Σ 1024²", "mlp down", 4096, 1152, 4608),
+    ("Wan 2.1 14B", "ffn up", 8192, 13824, 5120), ("Wan 2.1 14B", "ffn down", 8192, 5120, 13824),
+    ("ViT-B batch 64", "qkv", 12608, 2304, 768), ("ViT-B batch 64", "mlp up", 12608, 3072, 768),
+]
+W4A16_TOKENS = (1, 16)
+RANK, GROUP, LEVELS = 32, 64, 16
+_CACHE_BYTES = 256 << 20  # rotate through copies totalling this much, well past any L2
+
+
+def _graph_time_ms(fns: list, reps: int = 20) -> float:
+    """Median time of one call, from CUDA-graph replays of all `fns` in sequence."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(fns))
+    return statistics.median(times)
+
+
+def _copies(bytes_each: int) -> int:
+    return max(2, math.ceil(_CACHE_BYTES / max(bytes_each, 1)))
+
+
+class _Layer:
+    """One random layer in every form the paths need (bf16, FP8 row-wise, two-level INT4 codes)."""
+
+    def __init__(self, n, k, seed):
+        from vqz.config import QuantSpec
+        from vqz.formats import pack_codes
+        from vqz.quantizer import Quantizer
+
+        from . import reference
+
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        self.w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) / k**0.5
+        spec = QuantSpec("int4", "group", GROUP, int_group_scales=LEVELS)
+        q = Quantizer(spec).fit(self.w.float()).quantize(self.w.float())
+        self.packed, self.mult = pack_codes(q["codes"], 4), q["group_scale"]
+        self.unit = q["scale"].reshape(-1)
+        self.w8 = reference.unpack_int4(self.packed, self.mult, k, GROUP)
+        self.w_fp8 = (self.w.float() / self.w.float().abs().amax(1, keepdim=True) * 448).to(
+            torch.float8_e4m3fn)
+        self.s_fp8 = self.w.float().abs().amax(1)[None, :] / 448
+        self.w16_scale = (torch.rand(n, -(-k // 128), device="cuda", generator=g) / 10)
+        self.l1 = torch.randn(k, RANK, device="cuda", generator=g, dtype=torch.bfloat16) / k**0.5
+        self.l2 = torch.randn(RANK, n, device="cuda", generator=g, dtype=torch.bfloat16) / RANK**0.5
+        self.smooth = torch.rand(k, device="cuda", generator=g) + 0.5
+        self.bias = torch.randn(n, device="cuda", generator=g, dtype=torch.bfloat16)
+
+
+def _paths(layer: _Layer, x: torch.Tensor) -> dict:
+    from . import act_quant, int4_weights
+    from .int8_gemm import int8_gemm
+
+    k = x.shape[1]
+
+    def fused(with_branch, memory):
+        def run():
+            a, unit, xl1 = act_quant.act_quant_group(x, layer.smooth, layer.l1 if with_branch else None)
+            w = int4_weights.unpack_int4(layer.packed, layer.mult, k, GROUP) if memory else layer.w8
+            return int8_gemm(a, w, unit, layer.unit, xl1=xl1, l2=layer.l2 if with_branch else None,
+                             bias=layer.bias)
+        return run
+
+    def unfused():
+        a, unit, _ = act_quant.act_quant_group(x, layer.smooth, None)
+        y = int8_gemm(a, layer.w8, unit, layer.unit, bias=layer.bias)
+        return y + ((x / layer.smooth.to(x.dtype)) @ layer.l1) @ layer.l2
+
+    a_fp8 = x.float().div(x.float().abs().amax(1, keepdim=True) / 448).to(torch.float8_e4m3fn)
+    s_a = x.float().abs().amax(1, keepdim=True) / 448
+
+    def fp8_gemm():
+        return torch._scaled_mm(a_fp8, layer.w_fp8.t(), scale_a=s_a, scale_b=layer.s_fp8,
+                                bias=layer.bias, out_dtype=torch.bfloat16)
+
+    def int8_only():
+        return int8_gemm(a_fp8.view(torch.int8), layer.w8, s_a.reshape(-1), layer.unit)
+
+    return {"bf16": lambda: F.linear(x, layer.w, layer.bias), "fp8 _scaled_mm": fp8_gemm,
+            "unfused w4a4+r32": unfused, "fused w4a4+r32 speed": fused(True, False),
+            "fused w4a4+r32 memory": fused(True, True), "w4a4 no branch": fused(False, False),
+            "int8 GEMM alone": int8_only}
+
+
+def bench_shape(m, n, k) -> dict:
+    layer_bytes = n * k * 2 + m * k * 2
+    count = _copies(layer_bytes)
+    layers = [_Layer(n, k, seed) for seed in range(min(count, 4))]
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
+    paths = [_paths(layers[i % len(layers)], xs[i]) for i in range(count)]
+    out = {name: _graph_time_ms([p[name] for p in paths]) for name in paths[0]}
+    return {**out, **_floors(m, n, k)}
+
+
+def bench_w4a16(m, n, k) -> dict:
+    from .int4_weights import w4a16_gemm
+
+    count = _copies(n * k * 2)
+    layers = [_Layer(n, k, seed) for seed in range(count)]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bf16 = _graph_time_ms([lambda layer=layer: F.linear(x, layer.w) for layer in layers])
+    # the scale table is per 128 columns here: w4a16's default group
+    w4 = _graph_time_ms([lambda layer=layer: w4a16_gemm(x, layer.packed, layer.w16_scale, k, 128)
+                         for layer in layers])
+    return {"bf16": bf16, "w4a16": w4, "speedup": bf16 / w4,
+            "floor_bf16_ms": n * k * 2 / BANDWIDTH * 1e3, "floor_w4_ms": n * k * 0.53 / BANDWIDTH * 1e3}
+
+
+BANDWIDTH = 3.0e12  # bytes/s (device-to-device copy, read + write), replaced by the measured value
+INT8_PEAK = 1.0e15  # ops/s of the INT8 GEMM alone on a large square, replaced by the measured value
+
+
+def _floors(m, n, k) -> dict:
+    """The two lower bounds of the fused speed-layout W4A4 path: bytes (x read twice from L2 counted
+    once, int8 codes written and read, int8 weights, bf16 output) and INT8 math."""
+    moved = 2 * m * k + 2 * m * k + n * k + 2 * m * n
+    return {"floor_bytes_ms": moved / BANDWIDTH * 1e3, "floor_math_ms": 2 * m * n * k / INT8_PEAK * 1e3}
+
+
+def measure_ceilings() -> None:
+    global BANDWIDTH, INT8_PEAK
+    from .int8_gemm import int8_gemm
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    BANDWIDTH = 2 * src.numel() / (_graph_time_ms([lambda: dst.copy_(src)], reps=10) / 1e3)
+    a = torch.randint(-128, 128, (8192, 8192), dtype=torch.int8, device="cuda")
+    one = torch.ones(8192, device="cuda")
+    INT8_PEAK = 2 * 8192**3 / (_graph_time_ms([lambda: int8_gemm(a, a, one, one)], reps=5) / 1e3)
+
+
+def bench_flux_block(tokens=4096, text_tokens=512) -> dict:
+    """A FluxTransformerBlock (FLUX.1 width 3072, 24 heads) forward, BF16 vs w4a4-svd with two-level
+    scales on the kernels (speed layout), random weights."""
+    from dataclasses import replace
+
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+
+    import vqz
+    from vqz.config import get_preset
+
+    from .runtime import prepare_model
+
+    torch.manual_seed(0)
+    block = FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128)
+    block = block.to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    inputs = dict(hidden_states=torch.randn(1, tokens, 3072, device="cuda", dtype=torch.bfloat16),
+                  encoder_hidden_states=torch.randn(1, text_tokens, 3072, device="cuda",
+                                                    dtype=torch.bfloat16),
+                  temb=torch.randn(1, 3072, device="cuda", dtype=torch.bfloat16))
+    with torch.no_grad():
+        bf16 = _graph_time_ms([lambda: block(**inputs)])
+        ref = block(**inputs)[0].float()
+        cfg = get_preset("w4a4-svd")
+        if not cfg.weight.int_group_scales:
+            cfg = replace(cfg, weight=replace(cfg.weight, int_group_scales=LEVELS),
+                          act=replace(cfg.act, int_group_scales=LEVELS))
+        q = vqz.quantize(block, cfg, calib=lambda b: b(**inputs))
+        layers = prepare_model(q)
+        w4 = _graph_time_ms([lambda: q(**inputs)])
+        out = q(**inputs)[0].float()
+    sqnr = 10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean()).item()
+    return {"bf16_ms": bf16, "w4a4_svd_ms": w4, "speedup": bf16 / w4, "kernel_layers": layers,
+            "sqnr_db": sqnr}
+
+
+def run(json_path: str | None = None, quick: bool = False) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("vqz bench kernels needs a CUDA GPU")
+    measure_ceilings()
+    shapes = SHAPES[:2] if quick else SHAPES
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "bandwidth_TBps": BANDWIDTH / 1e12, "int8_peak_TOPS": INT8_PEAK / 1e12, "layers": []}
+    print(f"{result['device']}: copy {BANDWIDTH / 1e12:.2f} TB/s, INT8 GEMM "
+          f"{INT8_PEAK / 1e12:.0f} TOP/s (8192³)", flush=True)
+    for model, name, m, n, k in shapes:
+        row = {"model": model, "layer": name, "M": m, "N": n, "K": k, **bench_shape(m, n, k)}
+        result["layers"].append(row)
+        print(_format_row(row), flush=True)
+    result["w4a16"] = []
+    for m in W4A16_TOKENS:
+        for _, name, _, n, k in SHAPES[:4]:
+            row = {"layer": name, "M": m, "N": n, "K": k, **bench_w4a16(m, n, k)}
+            result["w4a16"].append(row)
+            print(f"W4A16 M={m} {n}x{k}: bf16 {row['bf16'] * 1e3:.1f} us, w4a16 "
+                  f"{row['w4a16'] * 1e3:.1f} us ({row['speedup']:.2f}x)", flush=True)
+    if not quick:
+        result["flux_block"] = bench_flux_block()
+        fb = result["flux_block"]
+        print(f"FLUX block: bf16 {fb['bf16_ms']:.3f} ms, w4a4-svd {fb['w4a4_svd_ms']:.3f} ms "
+              f"({fb['speedup']:.2f}x), SQNR {fb['sqnr_db']:.1f} dB", flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _format_row(row: dict) -> str:
+    base = row["bf16"]
+    cells = " | ".join(f"{name} {row[name] * 1e3:.0f}us ({base / row[name]:.2f}x)"
+                       for name in row if isinstance(row[name], float) and not name.startswith("floor"))
+    return (f"{row['model']} {row['layer']} M={row['M']} N={row['N']} K={row['K']}: {cells} | "
+            f"floors bytes {row['floor_bytes_ms'] * 1e3:.0f}us math {row['floor_math_ms'] * 1e3:.0f}us")

@@ -1,0 +1,104 @@
+"""Kernels that read 4-bit weights straight from their packed storage ([N, ceil(K/2)] uint8, the
+even index of K in the low nibble, two's complement).
+
+- `unpack_int4`: packed codes and integer group multipliers -> int8 `code * multiplier` [N, K]. The
+  memory layout of W4A4 keeps only the packed weights resident and unpacks each layer into a
+  transient workspace right before the INT8 GEMM (on Hopper, unpacking inside the GEMM's K loop ran
+  at 0.45-0.64x of BF16; a separate pass costs one read of 4-bit and one write of 8-bit weights).
+- `w4a16_gemm`: y = x Wᵀ with W = code * fp32 group scale, for few tokens (M <= 64), where the layer
+  is memory-bound and unpacking in registers is cheap against the bytes it saves. Split-K partial
+  sums go to a workspace and are added in a fixed order: deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _unpack_tile(p):
+    """uint8 [R, C] -> int32 codes [R, 2C], low nibble first, sign-extended."""
+    p = p.to(tl.int32)
+    lo = ((p & 0xF) ^ 8) - 8
+    hi = ((p >> 4) ^ 8) - 8
+    return tl.reshape(tl.join(lo, hi), [p.shape[0], 2 * p.shape[1]])
+
+
+@triton.jit
+def _unpack_kernel(p_ptr, mult_ptr, out_ptr, N, K, KH, G, GROUP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rkh = tl.program_id(1) * BLOCK_KH + tl.arange(0, BLOCK_KH)
+    p = tl.load(p_ptr + rn[:, None] * KH + rkh[None, :], mask=(rn[:, None] < N) & (rkh[None, :] < KH),
+                other=0)
+    cols = tl.program_id(1) * 2 * BLOCK_KH + tl.arange(0, 2 * BLOCK_KH)
+    mask = (rn[:, None] < N) & (cols[None, :] < K)
+    mult = tl.load(mult_ptr + rn[:, None] * G + cols[None, :] // GROUP, mask=mask, other=0)
+    out = (_unpack_tile(p) * mult.to(tl.int32)).to(tl.int8)
+    tl.store(out_ptr + rn[:, None] * K + cols[None, :], out, mask=mask)
+
+
+def unpack_int4(packed: torch.Tensor, multiplier: torch.Tensor, k: int, group: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """packed [N, ceil(K/2)] uint8, multiplier [N, G] uint8 -> int8 [N, K] (into `out` if given)."""
+    n, kh = packed.shape
+    if out is None:
+        out = torch.empty(n, k, device=packed.device, dtype=torch.int8)
+    block_kh = 128
+    grid = (triton.cdiv(n, 32), triton.cdiv(kh, block_kh))
+    _unpack_kernel[grid](packed, multiplier, out, n, k, kh, multiplier.shape[1], GROUP=group,
+                         BLOCK_N=32, BLOCK_KH=block_kh, num_warps=4)
+    return out
+
+
+@triton.jit
+def _w4a16_kernel(x_ptr, p_ptr, s_ptr, part_ptr, M, N, K, KH, G, stride_xm, K_PER_SPLIT,
+                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """part[split, m, n] = sum over this split's groups g of s[n, g] * (x[m, g] . codes[n, g])."""
+    pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    bn = rn % N
+    rk = tl.arange(0, GROUP)
+    rkh = tl.arange(0, GROUP // 2)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    k_start = split * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), GROUP):
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + k0 + rk[None, :],
+                    mask=(rm[:, None] < M) & (rk[None, :] < K - k0), other=0.0)
+        p = tl.load(p_ptr + bn[:, None] * KH + k0 // 2 + rkh[None, :],
+                    mask=rkh[None, :] < KH - k0 // 2, other=0)
+        w = tl.trans(_unpack_tile(p)).to(x.dtype)  # [GROUP, BLOCK_N], codes exact in 16 bits
+        scale = tl.load(s_ptr + bn * G + k0 // GROUP)
+        acc += tl.dot(x, w) * scale[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(part_ptr + split * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+
+
+def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int, group: int,
+               bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] 16-bit, packed [N, ceil(K/2)] uint8, scale [N, G] fp32 -> y [M, N] in x's dtype."""
+    if group % 32:
+        raise ValueError(f"the W4A16 kernel needs a group size divisible by 32, got {group}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    n, kh = packed.shape
+    block_n = 64
+    groups = triton.cdiv(k, group)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, 16)
+    if split_k is None:  # enough programs to cover the multiprocessors about four times
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+        split_k = max(1, min(groups, 4 * sms // tiles))
+    k_per_split = triton.cdiv(groups, split_k) * group
+    split_k = triton.cdiv(k, k_per_split)
+    part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, 16), split_k)
+    _w4a16_kernel[grid](x, packed, scale, part, m, n, k, kh, scale.shape[1], x.stride(0),
+                        k_per_split, GROUP=group, BLOCK_M=16, BLOCK_N=block_n, num_warps=4,
+                        num_stages=4)
+    y = part.sum(0)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,117 @@
+"""The kernels as `torch.library` custom ops (namespace `vqz`), so `torch.compile(fullgraph=True)`
+traces through them: CUDA runs Triton, every other device the pure-torch reference, and a fake
+implementation gives the compiler output shapes. Optional tensors come back empty ([M, 0] or [0])
+where the op has nothing to return.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .dispatch import triton_available
+
+
+def _empty(like: torch.Tensor, *shape) -> torch.Tensor:
+    return like.new_empty(shape or (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("vqz::act_quant_group", mutates_args=())
+def act_quant_group(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None,
+                    group: int, levels: int, bits: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
+    a, unit, xl1 = reference.act_quant_group(x, smooth, l1, group=group, levels=levels, bits=bits)
+    return a, unit, xl1 if xl1 is not None else _empty(x, x.shape[0], 0)
+
+
+@act_quant_group.register_fake
+def _(x, smooth, l1, group, levels, bits):
+    m, k = x.shape
+    r = 0 if l1 is None else l1.shape[1]
+    return (x.new_empty(m, k, dtype=torch.int8), _empty(x, m), _empty(x, m, r))
+
+
+@torch.library.custom_op("vqz::act_quant_token", mutates_args=())
+def act_quant_token(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None,
+                    mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a, scale, zp, xl1 = reference.act_quant_token(x, smooth, l1, mode=mode)
+    return (a, scale, zp if zp is not None else _empty(x),
+            xl1 if xl1 is not None else _empty(x, x.shape[0], 0))
+
+
+@act_quant_token.register_fake
+def _(x, smooth, l1, mode):
+    m, k = x.shape
+    r = 0 if l1 is None else l1.shape[1]
+    dtype = torch.float8_e4m3fn if mode == "e4m3" else torch.int8
+    return (x.new_empty(m, k, dtype=dtype), _empty(x, m),
+            _empty(x, m) if mode == "int8-asym" else _empty(x), _empty(x, m, r))
+
+
+@torch.library.custom_op("vqz::int8_gemm", mutates_args=())
+def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+              zero_point: torch.Tensor | None, colsum_b: torch.Tensor | None,
+              xl1: torch.Tensor | None, l2: torch.Tensor | None, bias: torch.Tensor | None,
+              activation: str | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return reference.int8_gemm(a, b, scale_a, scale_b, zero_point=zero_point, colsum_b=colsum_b,
+                               xl1=xl1, l2=l2, bias=bias, activation_name=activation,
+                               out_dtype=out_dtype)
+
+
+@int8_gemm.register_fake
+def _(a, b, scale_a, scale_b, zero_point, colsum_b, xl1, l2, bias, activation, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("vqz::unpack_int4", mutates_args=())
+def unpack_int4(packed: torch.Tensor, multiplier: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    return reference.unpack_int4(packed, multiplier, k, group)
+
+
+@unpack_int4.register_fake
+def _(packed, multiplier, k, group):
+    return packed.new_empty(packed.shape[0], k, dtype=torch.int8)
+
+
+@torch.library.custom_op("vqz::w4a16_gemm", mutates_args=())
+def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int, group: int,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    return reference.w4a16_gemm(x, packed, scale, k, group, bias)
+
+
+@w4a16_gemm.register_fake
+def _(x, packed, scale, k, group, bias):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def _register_triton() -> None:
+    from . import act_quant, int4_weights
+    from . import int8_gemm as gemm
+
+    @act_quant_group.register_kernel("cuda")
+    def _(x, smooth, l1, group, levels, bits):
+        a, unit, xl1 = act_quant.act_quant_group(x, smooth, l1, group=group, levels=levels, bits=bits)
+        return a, unit, xl1 if xl1 is not None else _empty(x, x.shape[0], 0)
+
+    @act_quant_token.register_kernel("cuda")
+    def _(x, smooth, l1, mode):
+        a, scale, zp, xl1 = act_quant.act_quant_token(x, smooth, l1, mode=mode)
+        return (a, scale, zp if zp is not None else _empty(x),
+                xl1 if xl1 is not None else _empty(x, x.shape[0], 0))
+
+    @int8_gemm.register_kernel("cuda")
+    def _(a, b, scale_a, scale_b, zero_point, colsum_b, xl1, l2, bias, activation, out_dtype):
+        return gemm.int8_gemm(a, b, scale_a, scale_b, zero_point=zero_point, colsum_b=colsum_b,
+                              xl1=xl1, l2=l2, bias=bias, activation=activation, out_dtype=out_dtype)
+
+    @unpack_int4.register_kernel("cuda")
+    def _(packed, multiplier, k, group):
+        return int4_weights.unpack_int4(packed, multiplier, k, group)
+
+    @w4a16_gemm.register_kernel("cuda")
+    def _(x, packed, scale, k, group, bias):
+        return int4_weights.w4a16_gemm(x, packed, scale, k, group, bias)
+
+
+TRITON_ON_CUDA = triton_available() and torch.cuda.is_available()
+if TRITON_ON_CUDA:
+    _register_triton()

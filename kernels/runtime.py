@@ -1,0 +1,188 @@
+"""Running QuantLinear layers on the kernels: which layers qualify, the runtime layout built from the
+stored (row-major, packed) format, and the forward through the custom ops.
+
+Kinds of layer the kernels run (anything else keeps the pure-torch reference):
+- "int8": activations quantized per token to INT8 (symmetric or asymmetric) or per token per group
+  with two-level scales; weights INT8/INT4 per output channel or INT4 groups with two-level scales.
+  Both operands are then int8 with one fp scale per row: one INT8 GEMM, fp work in its epilogue.
+  Smoothing and the low-rank branch are fused into the activation kernel and the epilogue.
+- "fp8": FP8 E4M3 weights per channel and activations per token, on torch._scaled_mm.
+- "w4a16": 4-bit grouped weights with full-precision activations, for at most 64 tokens.
+
+Layouts of 4-bit weights (same codes, same results): "speed" holds int8 code * multiplier in GPU
+memory (8 bits a weight; a plain INT8 GEMM reads it), "memory" keeps only the packed 4-bit codes and
+unpacks each layer into a transient workspace before its GEMM.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vqz.formats import FPFormat, IntFormat, unpack_codes
+
+from . import ops
+from .dispatch import register_linear_kernel
+
+LAYOUTS = ("speed", "memory")
+DEFAULT_LAYOUT = "speed"
+W4A16_MAX_TOKENS = 64
+_MAX_RANK = 256
+
+
+def _is_int(spec, max_bits=8) -> bool:
+    return isinstance(spec.fmt, IntFormat) and spec.fmt.bits <= max_bits
+
+
+def _weight_as_int8(spec) -> bool:
+    """Weights whose dequantized value is int8 * one fp scale per output channel."""
+    if spec is None or not spec.symmetric or not _is_int(spec):
+        return False
+    if spec.granularity == "channel":
+        return spec.axis == 0
+    return spec.granularity == "group" and spec.int_group_scales > 0
+
+
+def _act_mode(spec) -> str | None:
+    """The activation kernel that reproduces this dynamic activation spec, if any."""
+    if spec is None or not spec.dynamic:
+        return None
+    if spec.granularity == "token" and spec.format == "int8":
+        return "int8" if spec.symmetric else "int8-asym"
+    if spec.granularity == "token" and spec.format == "e4m3":
+        return "e4m3"
+    group = spec.group_size or 0
+    if spec.granularity == "group" and spec.int_group_scales and _is_int(spec, 4) \
+            and group >= 16 and group & (group - 1) == 0:
+        return "group"
+    return None
+
+
+def kernel_kind(layer) -> str | None:
+    """"int8", "fp8", "w4a16" or None (reference only) for a QuantLinear's specs."""
+    w, a = layer.weight_spec, layer.act_spec
+    if w is None or (layer.rank and layer.rank > _MAX_RANK):
+        return None
+    mode = _act_mode(a)
+    if mode in ("int8", "int8-asym", "group") and _weight_as_int8(w):
+        return "int8"
+    if mode == "e4m3" and isinstance(w.fmt, FPFormat) and w.format == "e4m3" \
+            and w.granularity == "channel" and w.axis == 0:
+        return "fp8"
+    if a is None and w.granularity == "group" and w.symmetric and _is_int(w, 4) \
+            and not w.int_group_scales and w.group_size % 32 == 0 and not layer.rank \
+            and layer.smooth is None:
+        return "w4a16"
+    return None
+
+
+def _set(layer, name: str, value: torch.Tensor | None) -> None:
+    layer.register_buffer(name, value, persistent=False)
+
+
+def _padded_rank(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The low-rank factor with its rank padded with zeros to a multiple of 16 (the MMA's minimum)."""
+    pad = -t.shape[dim] % 16
+    if not pad:
+        return t.contiguous()
+    return F.pad(t, (0, pad) if dim == 1 else (0, 0, 0, pad)).contiguous()
+
+
+@torch.no_grad()
+def prepare(layer, layout: str = DEFAULT_LAYOUT) -> bool:
+    """Build the runtime tensors of one QuantLinear (non-persistent buffers, so checkpoints keep the
+    stored format). Returns False for layers the kernels do not run."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown kernel layout {layout!r}; use one of {LAYOUTS}")
+    kind = kernel_kind(layer)
+    layer.kernel_kind, layer.kernel_layout = kind, layout
+    if kind is None:
+        return False
+    qw = layer.qweight
+    if kind == "w4a16":
+        return True
+    if kind == "fp8":
+        _set(layer, "kernel_weight", qw.codes.view(torch.float8_e4m3fn))
+        _set(layer, "kernel_wscale", qw.scale.reshape(1, -1).float())
+        return True
+    grouped = layer.weight_spec.granularity == "group"
+    packed = grouped and layer.weight_spec.fmt.bits <= 4
+    if packed:
+        weight = ops.unpack_int4(qw.codes, qw.group_scale, qw.k, layer.weight_spec.group_size)
+    else:
+        weight = unpack_codes(qw.codes, layer.weight_spec.fmt.bits, qw.k, signed=True)
+    # memory layout: leave the packed codes resident, unpack per call
+    _set(layer, "kernel_weight", None if packed and layout == "memory" else weight.contiguous())
+    _set(layer, "kernel_wscale", qw.scale.reshape(-1).float().contiguous())
+    asym = not layer.act_spec.symmetric
+    _set(layer, "kernel_colsum", weight.float().sum(1) if asym else None)
+    if layer.rank:
+        _set(layer, "kernel_l1", _padded_rank(layer.lora_down.detach(), 1))
+        _set(layer, "kernel_l2", _padded_rank(layer.lora_up.detach(), 0))
+    return True
+
+
+def prepare_model(model: torch.nn.Module, layout: str = DEFAULT_LAYOUT) -> int:
+    """Prepare every QuantLinear of `model` for the kernels; returns how many qualify."""
+    from vqz.nn import QuantLinear
+
+    return sum(prepare(m, layout) for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def _inference(layer, x: torch.Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return True
+    return not x.requires_grad and not any(p.requires_grad for p in layer.parameters())
+
+
+def accepts(layer, x: torch.Tensor) -> bool:
+    if not (x.is_cuda and ops.TRITON_ON_CUDA and layer.act_enabled and _inference(layer, x)):
+        return False
+    if getattr(layer, "kernel_layout", None) is None:
+        if torch.compiler.is_compiling():
+            return False  # prepare before compiling: vqz.kernels.prepare_model(model)
+        prepare(layer)
+    kind = layer.kernel_kind
+    if kind == "w4a16":
+        return x.numel() // x.shape[-1] <= W4A16_MAX_TOKENS
+    if kind == "fp8":  # torch._scaled_mm: row-wise scales need bf16 out, dims multiples of 16
+        return x.dtype == torch.bfloat16 and layer.in_features % 16 == 0 \
+            and layer.out_features % 16 == 0
+    return kind == "int8"
+
+
+def run(layer, x: torch.Tensor) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    bias = layer.bias
+    if layer.kernel_kind == "w4a16":
+        qw = layer.qweight
+        y = ops.w4a16_gemm(x2, qw.codes, qw.scale, qw.k, layer.weight_spec.group_size, bias)
+    elif layer.kernel_kind == "fp8":
+        a, scale, _, _ = ops.act_quant_token(x2, layer.smooth, None, "e4m3")
+        y = torch._scaled_mm(a, layer.kernel_weight.t(), scale_a=scale[:, None],
+                             scale_b=layer.kernel_wscale, bias=bias, out_dtype=x.dtype)
+    else:
+        y = _run_int8(layer, x2, bias)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def _run_int8(layer, x, bias):
+    l1 = getattr(layer, "kernel_l1", None) if layer.rank else None
+    spec = layer.act_spec
+    if spec.granularity == "group":
+        a, scale, xl1 = ops.act_quant_group(x, layer.smooth, l1, spec.group_size,
+                                            spec.int_group_scales, spec.fmt.bits)
+        zp = None
+    else:
+        a, scale, zp, xl1 = ops.act_quant_token(x, layer.smooth, l1, _act_mode(spec))
+        zp = zp if zp.numel() else None
+    weight = layer.kernel_weight
+    if weight is None:
+        qw = layer.qweight
+        weight = ops.unpack_int4(qw.codes, qw.group_scale, qw.k, layer.weight_spec.group_size)
+    return ops.int8_gemm(a, weight, scale, layer.kernel_wscale, zp,
+                         getattr(layer, "kernel_colsum", None), xl1 if l1 is not None else None,
+                         layer.kernel_l2 if l1 is not None else None, bias, None, x.dtype)
+
+
+register_linear_kernel(accepts, run)

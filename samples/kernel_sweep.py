@@ -1,0 +1,63 @@
+"""Tile-shape sweep of the activation kernel and the INT8 GEMM on FLUX shapes (GPU), to choose the
+defaults in kernels/act_quant.py (ACT_CONFIG) and kernels/int8_gemm.py (_config).
+
+    python samples/kernel_sweep.py
+"""
+import itertools
+
+import torch
+
+from vqz.kernels import act_quant
+from vqz.kernels.bench import _graph_time_ms
+from vqz.kernels.int8_gemm import int8_gemm
+
+SHAPES = [(4608, 12288, 3072), (4608, 3072, 12288), (4608, 3072, 3072), (1024, 3072, 3072)]
+
+
+def sweep_act():
+    for m, _, k in SHAPES[:2] + SHAPES[3:]:
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        lam = torch.rand(k, device="cuda") + 0.5
+        l1 = torch.randn(k, 32, device="cuda", dtype=torch.bfloat16)
+        floor = m * k * 3 / 3.0e12 * 1e6
+        rows = []
+        for bm, bk, w in itertools.product((16, 32), (128, 256, 512), (4, 8)):
+            cfg = dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w)
+            t = _graph_time_ms([lambda x=x: act_quant.act_quant_group(x, lam, l1, config=cfg)
+                                for x in xs]) * 1e3
+            rows.append((t, cfg))
+        rows.sort(key=lambda r: r[0])
+        print(f"act M={m} K={k} (bytes floor {floor:.0f}us): " +
+              " | ".join(f"{t:.0f}us {c}" for t, c in rows[:4]), flush=True)
+
+
+def sweep_gemm():
+    for m, n, k in SHAPES:
+        a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
+        b = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
+        sa, sb = torch.rand(m, device="cuda"), torch.rand(n, device="cuda")
+        xl1 = torch.randn(m, 32, device="cuda")
+        l2 = torch.randn(32, n, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        bf16 = _graph_time_ms([lambda: x @ w.T]) * 1e3
+        rows = []
+        for bm, bn, bk, warps, stages in [(128, 128, 128, 8, 3), (128, 128, 128, 4, 4),
+                                          (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                          (128, 128, 64, 4, 5), (128, 64, 128, 4, 4),
+                                          (64, 128, 128, 4, 4), (128, 256, 64, 8, 4)]:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+            try:
+                t = _graph_time_ms([lambda: int8_gemm(a, b, sa, sb, xl1=xl1, l2=l2, config=cfg)])
+            except Exception as e:  # out of shared memory for this tile shape
+                print(f"  skip {cfg}: {type(e).__name__}")
+                continue
+            rows.append((t * 1e3, cfg))
+        rows.sort(key=lambda r: r[0])
+        print(f"gemm+r32 {m}x{n}x{k}: bf16 {bf16:.0f}us | " +
+              " | ".join(f"{t:.0f}us ({bf16 / t:.2f}x) {c}" for t, c in rows[:4]), flush=True)
+
+
+if __name__ == "__main__":
+    sweep_act()
+    sweep_gemm()

@@ -1,0 +1,133 @@
+"""Every Triton kernel against its pure-torch reference (kernels/reference.py).
+
+Without CUDA the kernels run in Triton's interpreter at small sizes (conftest sets TRITON_INTERPRET);
+with CUDA the same tests run at full sizes, in bfloat16 too (the interpreter has no bfloat16).
+"""
+import pytest
+import torch
+
+from vqz.formats import pack_codes
+
+triton = pytest.importorskip("triton")
+from vqz.kernels import act_quant, int4_weights, int8_gemm, reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+ROWS = [1, 7, 333, 4096] if CUDA else [1, 7, 40]
+DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16, torch.float32]
+K_AWKWARD = 200  # not a multiple of any block or group
+
+
+def _x(m, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(k, generator=g).mul(4).exp()  # outlier channels
+    return x.to(DEVICE, dtype)
+
+
+def _twice(fn, *args, **kwargs):
+    """Run fn twice; the results must be bitwise identical (deterministic kernels)."""
+    first, second = fn(*args, **kwargs), fn(*args, **kwargs)
+    for a, b in zip(first if isinstance(first, tuple) else (first,),
+                    second if isinstance(second, tuple) else (second,)):
+        assert a is None and b is None or torch.equal(a, b)
+    return first
+
+
+def _branch_close(got, want):
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,rank,smooth", [(K_AWKWARD, 32, True), (256, 0, False), (192, 16, False)])
+def test_group_activation_kernel_matches_quantizer(m, dtype, k, rank, smooth):
+    x = _x(m, k, dtype)
+    lam = (torch.rand(k) + 0.5).to(DEVICE) if smooth else None
+    l1 = torch.randn(k, rank).to(DEVICE, dtype) if rank else None
+    a, unit, xl1 = _twice(act_quant.act_quant_group, x, lam, l1)
+    ra, runit, rxl1 = reference.act_quant_group(x, lam, l1)
+    assert torch.equal(a, ra) and torch.equal(unit, runit)
+    assert a.ne(0).sum() > a.numel() // 10  # a test on mostly-zero codes would prove little
+    if rank:
+        _branch_close(xl1, rxl1)
+    else:
+        assert xl1 is None
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("mode", ["int8", "int8-asym"] + (["e4m3"] if CUDA else []))
+def test_token_activation_kernel_matches_quantizer(m, mode):
+    x = _x(m, K_AWKWARD, torch.float16) + (3.0 if mode == "int8-asym" else 0.0)  # one-sided rows
+    lam = (torch.rand(K_AWKWARD) + 0.5).to(DEVICE)
+    l1 = torch.randn(K_AWKWARD, 16).to(DEVICE, torch.float16)
+    a, scale, zp, xl1 = _twice(act_quant.act_quant_token, x, lam, l1, mode=mode)
+    ra, rscale, rzp, rxl1 = reference.act_quant_token(x, lam, l1, mode=mode)
+    assert torch.equal(a.view(torch.uint8), ra.view(torch.uint8)) and torch.equal(scale, rscale)
+    assert (zp is None) == (mode != "int8-asym") and (zp is None or torch.equal(zp, rzp))
+    _branch_close(xl1, rxl1)
+
+
+def _int8(shape, seed):
+    return torch.randint(-128, 128, shape, generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.int8).to(DEVICE)
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("k", [K_AWKWARD, 512])
+def test_int8_gemm_integer_products_are_exact(m, k):
+    a, b = _int8((m, k), 1), _int8((96, k), 2)
+    one_m, one_n = torch.ones(m, device=DEVICE), torch.ones(96, device=DEVICE)
+    y = _twice(int8_gemm.int8_gemm, a, b, one_m, one_n, out_dtype=torch.float32)
+    exact = (a.long() @ b.long().T)
+    assert exact.abs().max() < 2**24  # every sum representable in fp32: compare exactly
+    assert torch.equal(y, exact.float())
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("activation", [None, "gelu_tanh", "gelu", "silu"])
+@pytest.mark.parametrize("asym,rank", [(False, 32), (True, 0), (True, 64)])
+def test_int8_gemm_epilogue_matches_reference(m, activation, asym, rank):
+    k, n = K_AWKWARD, 80
+    a, b = _int8((m, k), 3), _int8((n, k), 4)
+    sa, sb = torch.rand(m, device=DEVICE) / 100, torch.rand(n, device=DEVICE) / 100
+    extra = dict(bias=torch.randn(n, device=DEVICE, dtype=torch.float16), activation=activation)
+    if asym:
+        extra.update(zero_point=torch.randint(-128, 128, (m,), device=DEVICE).float(),
+                     colsum_b=b.float().sum(1))
+    if rank:
+        extra.update(xl1=torch.randn(m, rank, device=DEVICE),
+                     l2=torch.randn(rank, n, device=DEVICE, dtype=torch.float16))
+    y = _twice(int8_gemm.int8_gemm, a, b, sa, sb, out_dtype=torch.float32, **extra)
+    extra["activation_name"] = extra.pop("activation")
+    want = reference.int8_gemm(a, b, sa, sb, out_dtype=torch.float32, **extra)
+    # fp32 rounding; on GPU the rank-R branch runs on TF32 tensor cores (10-bit mantissa)
+    tol = 2e-3 if CUDA and rank else 1e-5
+    assert torch.allclose(y, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("n,k", [(5, K_AWKWARD), (64, 129), (48, 512)])
+def test_unpack_int4_matches_reference(n, k):
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    mult = torch.randint(1, 17, (n, -(-k // 64)), generator=g, dtype=torch.uint8)
+    packed, mult = pack_codes(codes, 4).to(DEVICE), mult.to(DEVICE)
+    got = _twice(int4_weights.unpack_int4, packed, mult, k, 64)
+    assert torch.equal(got, reference.unpack_int4(packed, mult, k, 64))
+    assert torch.equal(got.cpu(), (codes.int() * mult.cpu().repeat_interleave(64, 1)[:, :k]).to(torch.int8))
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 64])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,group", [(K_AWKWARD, 64), (512, 128)])
+def test_w4a16_gemm_matches_reference(m, dtype, k, group):
+    n = 96
+    g = torch.Generator().manual_seed(6)
+    packed = pack_codes(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8), 4).to(DEVICE)
+    scale = (torch.rand(n, -(-k // group), generator=g) / 10).to(DEVICE)
+    x = _x(m, k, dtype)
+    bias = torch.randn(n, device=DEVICE, dtype=dtype)
+    y = _twice(int4_weights.w4a16_gemm, x, packed, scale, k, group, bias)
+    want = reference.w4a16_gemm(x.float(), packed, scale, k, group, bias)
+    # the kernel rounds only its output to 16 bits
+    assert torch.allclose(y.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    assert (y.float() - want).abs().mean() < 2e-3 * want.abs().mean()

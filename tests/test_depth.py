@@ -178,9 +178,11 @@ def test_depth_adapters_quantize_and_round_trip(build, tmp_path):
     x = torch.randn(2, 3, size, size)
     ref = depth_forward(model, x)
     assert ref.shape[0] == 2
-    for preset, bound in (("w8a8", 25.0), ("w8a8-static", 25.0), ("w4a8", None)):
+    # generic names run the depth recipes here (w8a8 -> depth-w8a8); few reconstruction steps
+    for preset, bound, extra in (("w8a8", 25.0, {}), ("w8a8-static", 25.0, {}),
+                                 ("w4a8", None, {"reconstruct": 5})):
         fresh, _ = build()
-        q = vqz.quantize(fresh, preset, calib=calib)
+        q = vqz.quantize(fresh, preset, calib=calib, **extra)
         out = depth_forward(q, x)
         assert torch.isfinite(out).all()
         if bound:

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .algorithms.adaround import capture_block_io, reconstruct_blocks
 from .algorithms.build import quantize_layer
+from .algorithms.quartdepth import compensate_layer
 from .algorithms.repq import channel_balance, fold_into_layernorm
 from .calib import as_forward_loop, observe_layers
 from .calib.pipeline import is_pipeline
@@ -71,8 +73,12 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
         raise ValueError(f"no layer of {type(target).__name__} was selected for quantization "
                          f"(supported: Linear, Conv2d, timm Attention); check the config's rules and exclude")
     repq = _repq_pairs(target, cfg, adapter, plan)
-    # Layers whose quantization reads their input statistics (smoothing, GPTQ's Hessian, RepQ).
-    needs_stats = [p.name for p in plan.layers if p.smooth or (cfg.gptq and p.kind == "Linear")]
+    compensated = [p.name for p in plan.layers if cfg.compensate and _plain(p)]
+    blocks = _reconstruction_blocks(target, cfg, adapter)
+    # Layers whose quantization reads their input statistics (smoothing, GPTQ's Hessian, RepQ,
+    # QuartDepth's polishing α and compensation).
+    needs_stats = [p.name for p in plan.layers if p.smooth or p.polish or p.name in compensated
+                   or (cfg.gptq and p.kind == "Linear")]
     needs_stats += [names[0] for names in repq.values() if names[0] not in needs_stats]
     static = any(s is not None and not s.dynamic for p in plan.layers for s in (p.act, p.probs))
     if (needs_stats or static) and calib is None:
@@ -81,7 +87,7 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
                          f"calib= (model inputs or a forward_loop callable), or use a preset with "
                          f"dynamic activations such as 'w8a8' or 'w4a4'")
     bucketed = any(p.buckets > 1 for p in plan.layers)
-    passes = bool(needs_stats) + static + (bucketed and not needs_stats)
+    passes = bool(needs_stats) + static + (bucketed and not needs_stats) + bool(blocks)
     loop = None if calib is None else as_forward_loop(calib, obj, target, passes=passes)
     state = QuantState(cfg, plan, architecture_fingerprint(target), type(target).__name__,
                        _requested(config, cfg))
@@ -93,15 +99,18 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
             tx.undo.append(lambda: detach_timestep_state(target))
             timesteps.history = []
         stats = collect_input_stats(target, needs_stats, loop) if needs_stats else {}
+        block_io = capture_block_io(target, blocks, loop) if blocks else {}
         _reparameterize(target, repq, plan, stats, tx)
         if bucketed and not needs_stats:
             with torch.no_grad():
                 loop()  # only to learn the calibration timesteps
         paths = module_paths(target)
-        built = {}
+        built, weights = {}, {}
         for layer_plan in tqdm(plan.layers, desc="vqz quantize", unit="layer", leave=False):
             original = target.get_submodule(layer_plan.name)
-            new = quantize_layer(original, layer_plan, cfg, stats.pop(layer_plan.name, None))
+            new = quantize_layer(original, layer_plan, cfg, stats.get(layer_plan.name))
+            if _plain(layer_plan):
+                weights[layer_plan.name] = original.weight  # originals stay untouched
             for path in paths[id(original)]:
                 tx.swap(path, new)
             built[layer_plan.name] = new
@@ -111,12 +120,35 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
             use_timestep_state(built.values(), timesteps, edges)
         if static:
             observe_layers(built, loop)
+        for name in tqdm(compensated, desc="vqz compensate", unit="layer", leave=False):
+            weights[name] = compensate_layer(built[name], weights[name], stats.pop(name).sample)
+        stats.clear()
+        reconstruct_blocks(target, block_io, built, weights, cfg.reconstruct)
         tx.restore_modes()
         setattr(target, STATE_ATTR, state)
     except BaseException:
         tx.rollback()
         raise
     return obj
+
+
+def _plain(p) -> bool:
+    """A Linear layer whose weight is rounded as is (no smoothing or low-rank branch) and whose
+    activations are quantized: what QuartDepth's compensation and reconstruction refit."""
+    return p.kind == "Linear" and p.weight is not None and p.act is not None and not p.smooth \
+        and not p.rank
+
+
+def _reconstruction_blocks(target, cfg: QuantConfig, adapter) -> list[str]:
+    if not cfg.reconstruct:
+        return []
+    blocks = adapter.blocks(target)
+    if not blocks:
+        raise ValueError(f"reconstruct={cfg.reconstruct} learns rounding per block, but vqz knows "
+                         f"no blocks of {type(target).__name__} (adapter {adapter.name!r}); use "
+                         f"reconstruct=0, or a model whose adapter names its blocks (Depth "
+                         f"Anything, DPT)")
+    return blocks
 
 
 def _check_family(cfg: QuantConfig, adapter, target) -> None:

@@ -26,6 +26,7 @@ class LayerPlan:
     splits: tuple = ()
     buckets: int = 0  # timestep ranges of the static activation scales (0: one range)
     probs: QuantSpec | None = None
+    polish: bool = False  # activations quantized in the polished (log) domain (QuartDepth)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -165,7 +166,7 @@ def _apply_rules(name: str, kind: str, cfg: QuantConfig, rules: tuple[LayerRule,
             return "activation-only configs quantize Linear layers only"
         return {"weight": weight, "act": act, "buckets": buckets, "rank_from_rule": False}
     return {"weight": weight, "act": act, "rank": rank, "smooth": cfg.smooth, "buckets": buckets,
-            "rank_from_rule": rank_from_rule}
+            "polish": cfg.polish and act is not None, "rank_from_rule": rank_from_rule}
 
 
 def module_paths(model: nn.Module) -> dict[int, list[str]]:

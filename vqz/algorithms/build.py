@@ -6,8 +6,10 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..nn import QuantConv2d, QuantLinear, QuantModule, attention_wrapper
+from ..nn.polish import PolishedQuantLinear
 from ..patch import LayerPlan
 from .gptq import gptq_quantize, input_hessian
+from .quartdepth import polish_alpha
 from .svd import svd_quantize
 
 
@@ -23,20 +25,31 @@ def quantize_layer(module: nn.Module, plan: LayerPlan, cfg: QuantConfig, stats=N
     if plan.kind == "Conv2d":
         return QuantConv2d.from_float(module, plan.weight, plan.act, plan.splits, plan.buckets)
     gptq = cfg.gptq and plan.weight is not None
-    if gptq and stats is None:
-        raise ValueError(f"GPTQ on layer {plan.name!r} needs calibration statistics")
+    if (gptq or plan.polish) and stats is None:
+        raise ValueError(f"GPTQ or polishing on layer {plan.name!r} needs calibration statistics")
+    linear_cls = PolishedQuantLinear if plan.polish else QuantLinear
     if not (plan.smooth or plan.rank):
-        return QuantLinear.from_float(module, plan.weight, plan.act, act_buckets=plan.buckets,
+        layer = linear_cls.from_float(module, plan.weight, plan.act, act_buckets=plan.buckets,
                                       round_weight=_gptq(stats, None, plan) if gptq else None)
+        return _set_alpha(layer, stats, plan)
     if plan.smooth and stats is None:
         raise ValueError(f"smoothing layer {plan.name!r} needs calibration statistics")
     result = svd_quantize(
         module.weight, rank=plan.rank, weight_spec=plan.weight, act_spec=plan.act,
         x_absmax=stats.absmax if plan.smooth else None,
         x_sample=stats.sample if plan.smooth else None, alpha=cfg.alpha, iters=cfg.svd_iters)
-    return QuantLinear.from_float(module, plan.weight, plan.act, smooth=result.smooth,
+    layer = linear_cls.from_float(module, plan.weight, plan.act, smooth=result.smooth,
                                   lowrank=result.lowrank, act_buckets=plan.buckets,
                                   round_weight=_gptq(stats, result.smooth, plan) if gptq else None)
+    return _set_alpha(layer, stats, plan)
+
+
+def _set_alpha(layer: QuantLinear, stats, plan: LayerPlan) -> QuantLinear:
+    """A polished layer's α from its calibration inputs (as the quantizer sees them: smoothed)."""
+    if plan.polish:
+        rows = stats.sample.to(layer.act_quantizer.alpha.device)
+        layer.act_quantizer.alpha.copy_(polish_alpha(layer.smoothed(rows)))
+    return layer
 
 
 def _gptq(stats, smooth, plan: LayerPlan):
@@ -59,6 +72,7 @@ def empty_layer(module: nn.Module, plan: LayerPlan) -> QuantModule:
                            module.padding, module.dilation, module.groups, module.bias is not None,
                            module.padding_mode, weight_spec=plan.weight, act_spec=plan.act,
                            splits=plan.splits, act_buckets=plan.buckets, **factory)
-    return QuantLinear(module.in_features, module.out_features, module.bias is not None,
-                       weight_spec=plan.weight, act_spec=plan.act, rank=plan.rank, smooth=plan.smooth,
-                       act_buckets=plan.buckets, **factory)
+    linear_cls = PolishedQuantLinear if plan.polish else QuantLinear
+    return linear_cls(module.in_features, module.out_features, module.bias is not None,
+                      weight_spec=plan.weight, act_spec=plan.act, rank=plan.rank, smooth=plan.smooth,
+                      act_buckets=plan.buckets, **factory)

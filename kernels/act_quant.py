@@ -3,8 +3,9 @@
 Each program owns BLOCK_M rows. It reads them twice, back to back (the second read comes from L2):
 once for the row range, once to write the int8 operand of the GEMM and, for SVDQuant layers, the
 fp32 down-projection `x̂ L1` of the low-rank branch. No atomics: every output has one writer, so the
-results are bitwise identical run to run. Divisions use round-to-nearest (`div_rn`) and rounding is
-half-to-even, so codes match the pure-torch quantizer exactly (kernels/reference.py).
+results are bitwise identical run to run. Divisions by tensors use round-to-nearest (`div_rn`),
+scales are ranges times the reciprocal of the largest code (as the quantizer computes them), and
+rounding is half-to-even, so codes match the pure-torch quantizer exactly (kernels/reference.py).
 """
 from __future__ import annotations
 
@@ -43,27 +44,61 @@ def _lowrank_step(acc, xs, l1_ptr, cols, K, R: tl.constexpr, IEEE: tl.constexpr)
 
 
 @triton.jit
-def _act_group_kernel(x_ptr, smooth_ptr, l1_ptr, a_ptr, unit_ptr, xl1_ptr, M, K, stride_xm,
-                      HAS_SMOOTH: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
-                      GROUP: tl.constexpr, LEVELS: tl.constexpr, QMIN: tl.constexpr,
-                      QMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Symmetric INT codes per token per group with two-level scales: a = code * multiplier (int8),
-    unit [M] fp32; with R > 0 also xl1 = (x / λ) L1 [M, R] fp32."""
+def _row_range_kernel(x_ptr, smooth_ptr, hi_ptr, lo_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr,
+                      SIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """Per row and K chunk: max|x/λ| (SIGNED: max and min, both ranges holding 0) -> [chunks, M]."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    amax = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    chunk = tl.program_id(1)
+    hi = tl.zeros([BLOCK_M], tl.float32)
+    lo = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        xs = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH)
-        amax = tl.maximum(amax, tl.max(tl.abs(xs.to(tl.float32)), axis=1))
-    unit = tl.math.div_rn(tl.math.div_rn(tl.maximum(amax, _RANGE_FLOOR), QMAX), LEVELS)
-    tl.store(unit_ptr + rows, unit, mask=rows < M)
+        v = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH).to(tl.float32)
+        if SIGNED:
+            valid = cols[None, :] < K
+            hi = tl.maximum(hi, tl.max(tl.where(valid, v, -float("inf")), axis=1))
+            lo = tl.minimum(lo, tl.min(tl.where(valid, v, float("inf")), axis=1))
+        else:
+            hi = tl.maximum(hi, tl.max(tl.abs(v), axis=1))
+    tl.store(hi_ptr + chunk * M + rows, hi, mask=rows < M)
+    if SIGNED:
+        tl.store(lo_ptr + chunk * M + rows, lo, mask=rows < M)
+
+
+@triton.jit
+def _gather_range(part_ptr, rows, M, CHUNKS, CHUNKS_P2: tl.constexpr, SIGN: tl.constexpr):
+    """The whole-row max (SIGN 1) or min (SIGN -1) from the per-chunk partials [chunks, M]."""
+    c = tl.arange(0, CHUNKS_P2)
+    part = tl.load(part_ptr + c[None, :] * M + rows[:, None],
+                   mask=(c[None, :] < CHUNKS) & (rows[:, None] < M), other=0.0)
+    if SIGN > 0:
+        return tl.max(part, axis=1)
+    return tl.min(part, axis=1)
+
+
+@triton.jit
+def _act_group_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, a_ptr, unit_ptr, xl1_ptr, M, K,
+                      stride_xm, CHUNKS, HAS_SMOOTH: tl.constexpr, R: tl.constexpr,
+                      IEEE: tl.constexpr, GROUP: tl.constexpr, LEVELS: tl.constexpr,
+                      QMIN: tl.constexpr, QMAX: tl.constexpr, CHUNK: tl.constexpr,
+                      CHUNKS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Symmetric INT codes per token per group with two-level scales, for one K chunk of a row
+    block: a = code * multiplier (int8), unit [M] fp32 (chunk 0 writes it); with R > 0 the chunk's
+    part of (x / λ) L1 -> xl1 [chunks, M, R] fp32."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    chunk = tl.program_id(1)
+    amax = _gather_range(hi_ptr, rows, M, CHUNKS, CHUNKS_P2, 1)
+    unit = tl.math.div_rn(tl.maximum(amax, _RANGE_FLOOR) * (1.0 / QMAX), LEVELS)
+    if chunk == 0:
+        tl.store(unit_ptr + rows, unit, mask=rows < M)
 
     acc = tl.zeros([BLOCK_M, R if R > 0 else 16], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         xs = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH)
         v = tl.reshape(xs.to(tl.float32), [BLOCK_M, BLOCK_K // GROUP, GROUP])
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=2), _RANGE_FLOOR), QMAX)
+        scale = tl.maximum(tl.max(tl.abs(v), axis=2), _RANGE_FLOOR) * (1.0 / QMAX)
         mult = tl.minimum(tl.maximum(tl.math.ceil(tl.math.div_rn(scale, unit[:, None])), 1.0),
                           LEVELS)
         code = _rne(tl.math.div_rn(v, (unit[:, None] * mult)[:, :, None]))
@@ -74,41 +109,36 @@ def _act_group_kernel(x_ptr, smooth_ptr, l1_ptr, a_ptr, unit_ptr, xl1_ptr, M, K,
         if R > 0:
             acc = _lowrank_step(acc, xs, l1_ptr, cols, K, R, IEEE)
     if R > 0:
-        tl.store(xl1_ptr + rows[:, None] * R + tl.arange(0, R)[None, :], acc,
+        tl.store(xl1_ptr + (chunk * M + rows[:, None]) * R + tl.arange(0, R)[None, :], acc,
                  mask=rows[:, None] < M)
 
 
 @triton.jit
-def _act_token_kernel(x_ptr, smooth_ptr, l1_ptr, a_ptr, scale_ptr, zp_ptr, xl1_ptr, M, K,
-                      stride_xm, HAS_SMOOTH: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
-                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One scale per token. MODE 0: symmetric int8; 1: asymmetric int8, stored as code - 128 with
-    zero point - 128 (the GEMM corrects with W's column sums); 2: FP8 E4M3."""
+def _act_token_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, lo_ptr, a_ptr, scale_ptr, zp_ptr, xl1_ptr,
+                      M, K, stride_xm, CHUNKS, HAS_SMOOTH: tl.constexpr, R: tl.constexpr,
+                      IEEE: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
+                      CHUNKS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One scale per token, for one K chunk of a row block. MODE 0: symmetric int8; 1: asymmetric
+    int8, stored as code - 128 with zero point - 128 (the GEMM corrects with W's column sums);
+    2: FP8 E4M3."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    hi = tl.zeros([BLOCK_M], tl.float32)
-    lo = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        v = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH).to(tl.float32)
-        if MODE == 1:
-            valid = cols[None, :] < K
-            hi = tl.maximum(hi, tl.max(tl.where(valid, v, -float("inf")), axis=1))
-            lo = tl.minimum(lo, tl.min(tl.where(valid, v, float("inf")), axis=1))
-        else:
-            hi = tl.maximum(hi, tl.max(tl.abs(v), axis=1))
+    chunk = tl.program_id(1)
+    hi = _gather_range(hi_ptr, rows, M, CHUNKS, CHUNKS_P2, 1)
     if MODE == 1:
-        # the range holds 0 (hi, lo start there), so 0 stays exact
-        scale = tl.math.div_rn(tl.maximum(hi - lo, _RANGE_FLOOR), 255.0)
+        lo = _gather_range(lo_ptr, rows, M, CHUNKS, CHUNKS_P2, -1)
+        scale = tl.maximum(hi - lo, _RANGE_FLOOR) * (1.0 / 255.0)
         zp = tl.minimum(tl.maximum(_rne(tl.math.div_rn(-lo, scale)), 0.0), 255.0)
-        tl.store(zp_ptr + rows, zp - 128.0, mask=rows < M)
+        if chunk == 0:
+            tl.store(zp_ptr + rows, zp - 128.0, mask=rows < M)
     elif MODE == 2:
-        scale = tl.math.div_rn(tl.maximum(hi, _RANGE_FLOOR), 448.0)
+        scale = tl.maximum(hi, _RANGE_FLOOR) * (1.0 / 448.0)
     else:
-        scale = tl.math.div_rn(tl.maximum(hi, _RANGE_FLOOR), 127.0)
-    tl.store(scale_ptr + rows, scale, mask=rows < M)
+        scale = tl.maximum(hi, _RANGE_FLOOR) * (1.0 / 127.0)
+    if chunk == 0:
+        tl.store(scale_ptr + rows, scale, mask=rows < M)
 
     acc = tl.zeros([BLOCK_M, R if R > 0 else 16], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         xs = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH)
         v = tl.math.div_rn(xs.to(tl.float32), scale[:, None])
@@ -123,54 +153,85 @@ def _act_token_kernel(x_ptr, smooth_ptr, l1_ptr, a_ptr, scale_ptr, zp_ptr, xl1_p
         if R > 0:
             acc = _lowrank_step(acc, xs, l1_ptr, cols, K, R, IEEE)
     if R > 0:
-        tl.store(xl1_ptr + rows[:, None] * R + tl.arange(0, R)[None, :], acc,
+        tl.store(xl1_ptr + (chunk * M + rows[:, None]) * R + tl.arange(0, R)[None, :], acc,
                  mask=rows[:, None] < M)
 
 
 TOKEN_MODES = {"int8": 0, "int8-asym": 1, "e4m3": 2}
-ACT_CONFIG = dict(BLOCK_M=16, BLOCK_K=256, num_warps=4)
+# Rows per program, columns per loop step, and columns per program: row blocks are split along K so
+# that thousands of programs keep enough loads in flight (one program per row block ran at 0.3 TB/s).
+ACT_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, CHUNK=512, num_warps=4)
 
 
-def _prepare(x: torch.Tensor, smooth, l1):
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    r = 0 if l1 is None else l1.shape[1]
-    if r and (r % 16 or l1.shape[0] != k or not l1.is_contiguous()):
-        raise ValueError(f"the low-rank factor must be contiguous [K={k}, R] with R a multiple of "
-                         f"16, got {tuple(l1.shape)}")
-    xl1 = torch.empty(m, r, device=x.device, dtype=torch.float32) if r else None
-    dummy = x.new_empty(0)
-    return x, m, k, r, xl1, (smooth if smooth is not None else dummy), (l1 if r else dummy)
+class _Launch:
+    """Shapes, outputs and the row-range pass shared by the two activation kernels."""
+
+    def __init__(self, x, smooth, l1, config, signed, granule=1):
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        self.x, self.smooth = x, smooth
+        self.m, self.k = m, k = x.shape
+        self.r = r = 0 if l1 is None else l1.shape[1]
+        if r and (r % 16 or l1.shape[0] != k or not l1.is_contiguous()):
+            raise ValueError(f"the low-rank factor must be contiguous [K={k}, R] with R a multiple "
+                             f"of 16, got {tuple(l1.shape)}")
+        cfg = dict(config or ACT_CONFIG)
+        cfg["BLOCK_K"] = max(granule, cfg["BLOCK_K"] // granule * granule)
+        cfg["CHUNK"] = max(cfg["BLOCK_K"], cfg["CHUNK"] // cfg["BLOCK_K"] * cfg["BLOCK_K"])
+        self.cfg = cfg
+        self.chunks = triton.cdiv(k, cfg["CHUNK"])
+        self.grid = (triton.cdiv(m, cfg["BLOCK_M"]), self.chunks)
+        self.dummy = x.new_empty(0)
+        self.l1 = l1 if r else self.dummy
+        self.xl1_parts = x.new_empty(self.chunks, m, r, dtype=torch.float32) if r else None
+        self.hi = x.new_empty(self.chunks, m, dtype=torch.float32)
+        self.lo = x.new_empty(self.chunks, m, dtype=torch.float32) if signed else self.hi
+        _row_range_kernel[self.grid](
+            x, self.smooth_arg, self.hi, self.lo, m, k, x.stride(0),
+            HAS_SMOOTH=smooth is not None, SIGNED=signed, CHUNK=cfg["CHUNK"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+
+    @property
+    def smooth_arg(self):
+        return self.smooth if self.smooth is not None else self.dummy
+
+    def common(self) -> dict:
+        return dict(HAS_SMOOTH=self.smooth is not None, R=self.r,
+                    IEEE=self.x.dtype == torch.float32, CHUNKS_P2=triton.next_power_of_2(self.chunks),
+                    **self.cfg)
+
+    def xl1(self):
+        """The chunks' partial down-projections, added in a fixed order (deterministic)."""
+        if not self.r:
+            return None
+        return self.xl1_parts[0] if self.chunks == 1 else self.xl1_parts.sum(0)
 
 
 def act_quant_group(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None, *,
                     group: int = 64, levels: int = 16, bits: int = 4, config: dict | None = None):
     """x [M, K] -> (a int8 [M, K] = code * multiplier, unit fp32 [M], xl1 fp32 [M, R] or None)."""
-    x, m, k, r, xl1, smooth_arg, l1_arg = _prepare(x, smooth, l1)
-    a = torch.empty(m, k, device=x.device, dtype=torch.int8)
-    unit = torch.empty(m, device=x.device, dtype=torch.float32)
-    cfg = dict(config or ACT_CONFIG)
-    cfg["BLOCK_K"] = max(group, cfg["BLOCK_K"] // group * group)
-    _act_group_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-        x, smooth_arg, l1_arg, a, unit, xl1 if r else a, m, k, x.stride(0),
-        HAS_SMOOTH=smooth is not None, R=r, IEEE=x.dtype == torch.float32, GROUP=group,
-        LEVELS=levels, QMIN=float(-(2 ** (bits - 1))), QMAX=float(2 ** (bits - 1) - 1), **cfg)
-    return a, unit, xl1
+    run = _Launch(x, smooth, l1, config, signed=False, granule=group)
+    a = torch.empty(run.m, run.k, device=x.device, dtype=torch.int8)
+    unit = torch.empty(run.m, device=x.device, dtype=torch.float32)
+    _act_group_kernel[run.grid](
+        run.x, run.smooth_arg, run.l1, run.hi, a, unit,
+        run.xl1_parts if run.r else a, run.m, run.k, run.x.stride(0), run.chunks, GROUP=group,
+        LEVELS=levels, QMIN=float(-(2 ** (bits - 1))), QMAX=float(2 ** (bits - 1) - 1),
+        **run.common())
+    return a, unit, run.xl1()
 
 
 def act_quant_token(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None, *,
                     mode: str, config: dict | None = None):
     """x [M, K] -> (a [M, K] int8 or float8_e4m3fn, scale fp32 [M], zero point fp32 [M] minus 128
     (mode "int8-asym") or None, xl1 fp32 [M, R] or None)."""
-    x, m, k, r, xl1, smooth_arg, l1_arg = _prepare(x, smooth, l1)
+    run = _Launch(x, smooth, l1, config, signed=mode == "int8-asym")
     dtype = torch.float8_e4m3fn if mode == "e4m3" else torch.int8
-    a = torch.empty(m, k, device=x.device, dtype=dtype)
-    scale = torch.empty(m, device=x.device, dtype=torch.float32)
-    zp = torch.empty(m, device=x.device, dtype=torch.float32) if mode == "int8-asym" else None
-    cfg = dict(config or ACT_CONFIG)
-    _act_token_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-        x, smooth_arg, l1_arg, a, scale, zp if zp is not None else scale, xl1 if r else scale,
-        m, k, x.stride(0), HAS_SMOOTH=smooth is not None, R=r, IEEE=x.dtype == torch.float32,
-        MODE=TOKEN_MODES[mode], **cfg)
-    return a, scale, zp, xl1
+    a = torch.empty(run.m, run.k, device=x.device, dtype=dtype)
+    scale = torch.empty(run.m, device=x.device, dtype=torch.float32)
+    zp = torch.empty(run.m, device=x.device, dtype=torch.float32) if mode == "int8-asym" else None
+    _act_token_kernel[run.grid](
+        run.x, run.smooth_arg, run.l1, run.hi, run.lo, a, scale,
+        zp if zp is not None else scale, run.xl1_parts if run.r else scale, run.m, run.k,
+        run.x.stride(0), run.chunks, MODE=TOKEN_MODES[mode], **run.common())
+    return a, scale, zp, run.xl1()

@@ -56,7 +56,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, zp_ptr, wsum_ptr, xl1
         else:
             a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0)
             b = tl.load(b_ptrs, mask=rk[:, None] < K - k0, other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 

@@ -8,7 +8,7 @@ import itertools
 import torch
 
 from vqz.kernels import act_quant
-from vqz.kernels.bench import _graph_time_ms
+from vqz.kernels.bench import _graph_time_ms, _Layer
 from vqz.kernels.int8_gemm import int8_gemm
 
 SHAPES = [(4608, 12288, 3072), (4608, 3072, 12288), (4608, 3072, 3072), (1024, 3072, 3072)]
@@ -21,8 +21,8 @@ def sweep_act():
         l1 = torch.randn(k, 32, device="cuda", dtype=torch.bfloat16)
         floor = m * k * 3 / 3.0e12 * 1e6
         rows = []
-        for bm, bk, w in itertools.product((16, 32), (128, 256, 512), (4, 8)):
-            cfg = dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w)
+        for bm, bk, chunk, w in itertools.product((16, 32), (128, 256), (256, 512, 1024), (4, 8)):
+            cfg = dict(BLOCK_M=bm, BLOCK_K=bk, CHUNK=chunk, num_warps=w)
             t = _graph_time_ms([lambda x=x: act_quant.act_quant_group(x, lam, l1, config=cfg)
                                 for x in xs]) * 1e3
             rows.append((t, cfg))
@@ -33,9 +33,11 @@ def sweep_act():
 
 def sweep_gemm():
     for m, n, k in SHAPES:
-        a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
-        b = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
-        sa, sb = torch.rand(m, device="cuda"), torch.rand(n, device="cuda")
+        # realistic operands: two-level INT4 codes of Gaussian activations and weights
+        a, sa, _ = act_quant.act_quant_group(torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+                                             None, None)
+        layer = _Layer(n, k, 0)
+        b, sb = layer.w8, layer.unit
         xl1 = torch.randn(m, 32, device="cuda")
         l2 = torch.randn(32, n, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)

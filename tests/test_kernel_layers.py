@@ -51,7 +51,8 @@ def test_runtime_forward_matches_reference(mlp, name):
         want = layer.reference_forward(x)
         got = runtime.run(layer, x)
         assert got.shape == want.shape
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        tol = 2e-3 if CUDA else 1e-4  # on GPU the branch runs on TF32 tensor cores
+        assert torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())
         x = torch.randn(5, 3, layer.out_features, device=DEVICE) * 3
 
 

@@ -308,10 +308,12 @@ class Quantizer(nn.Module):
     def _qparams(self, lo: Tensor | None, hi: Tensor) -> tuple[Tensor, Tensor | None]:
         """Scale and zero point [C] (float32) mapping [lo, hi] onto the format; lo None: symmetric
         with hi = max|x|."""
+        # Times the reciprocal, not divided: torch's CUDA division by a Python number multiplies
+        # by its reciprocal, so this gives the same scales on every device and in the kernels.
         if lo is None:
-            return (hi.clamp(min=_RANGE_FLOOR) / self.fmt.max_value).float(), None
+            return (hi.clamp(min=_RANGE_FLOOR) * (1.0 / self.fmt.max_value)).float(), None
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # the range holds 0, so 0 stays exact
-        scale = ((hi - lo).clamp(min=_RANGE_FLOOR) / self.fmt.qmax).float()
+        scale = ((hi - lo).clamp(min=_RANGE_FLOOR) * (1.0 / self.fmt.qmax)).float()
         return scale, (-lo / scale).round().clamp(0, self.fmt.qmax).float()
 
     def _two_level(self, scale: Tensor) -> Tensor:

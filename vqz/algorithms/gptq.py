@@ -168,9 +168,6 @@ class _BlockRounding:
 
     def params(self) -> dict[str, torch.Tensor]:
         out = {"scale": torch.cat(self.scales, dim=1)}
-        if self.levels:
-            out["group_scale"] = torch.round(out["scale"] / self.unit).to(torch.uint8)
-            out["scale"] = self.unit
         if self.tensor_scale is not None:
             out["tensor_scale"] = self.tensor_scale
         return out

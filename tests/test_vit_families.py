@@ -178,3 +178,14 @@ def test_qkv_read_through_its_weight_stays_float_without_attention(family):
     assert rows["blocks.0.attn.proj"]["status"] == "quantized"
     x = images(4, 2)
     assert sqnr(q(x), model(x)) >= 25.0
+
+
+@pytest.mark.parametrize("family", ["eva", "beit"])
+@torch.no_grad()
+def test_qkv_read_through_its_weight_gets_input_statistics(family):
+    model = build(family)
+    # GPTQ needs qkv's input rows, though timm's attention never calls qkv (F.linear on its weight)
+    q = vqz.quantize(copy.deepcopy(model), "w8a8", calib=[images(4, 10)], gptq=True)
+    assert isinstance(q.blocks[0].attn.qkv, QuantLinear)
+    x = images(4, 2)
+    assert sqnr(q(x), model(x)) >= 25.0

@@ -19,6 +19,7 @@ from .config import (FAMILY_DESCRIPTIONS, FAMILY_PRESETS, QuantConfig, preset_fa
 from .nn.timestep import (attach_timestep_state, bucket_edges, detach_timestep_state,
                           use_timestep_state)
 from .patch import Plan, Transaction, architecture_fingerprint, module_paths, plan_layers
+from .nn import attention_wrapper
 from .pipelines import adapter_for
 
 STATE_ATTR = "_vqz_state"
@@ -98,7 +99,7 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
             timesteps = attach_timestep_state(target)
             tx.undo.append(lambda: detach_timestep_state(target))
             timesteps.history = []
-        stats = collect_input_stats(target, needs_stats, loop) if needs_stats else {}
+        stats = _input_stats(target, plan, needs_stats, loop) if needs_stats else {}
         block_io = capture_block_io(target, blocks, loop) if blocks else {}
         _reparameterize(target, repq, plan, stats, tx)
         if bucketed and not needs_stats:
@@ -130,6 +131,19 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
         tx.rollback()
         raise
     return obj
+
+
+def _input_stats(target, plan, names: list[str], loop) -> dict:
+    """collect_input_stats for `names`; a layer that its attention reads through `.weight` (EVA,
+    BEiT qkv) is never called, so its input is observed where it enters the attention module."""
+    source = {}
+    for p in plan.layers:
+        if p.kind == "Attention":
+            module = target.get_submodule(p.name)
+            for child in attention_wrapper(module).weight_read_children(module):
+                source[f"{p.name}.{child}"] = p.name
+    stats = collect_input_stats(target, sorted({source.get(n, n) for n in names}), loop)
+    return {n: stats[source.get(n, n)] for n in names}
 
 
 def _plain(p) -> bool:

@@ -101,7 +101,9 @@ def load(obj, path):
             use_timestep_state(built, attach_timestep_state(target))
             tx.undo.append(lambda: detach_timestep_state(target))
         with safe_open(str(_file(path)), framework="pt", device=_load_device(target)) as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # clone: views into the file's buffer may be misaligned for SIMD, and BLAS then sums
+            # in another order (full-precision layers would differ from the saved model by 1 ulp)
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
         _check_tensors(target, tensors)
         target.load_state_dict(tensors, strict=True, assign=True)
         tx.restore_modes()

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PRESET_DESCRIPTIONS, presets
+from .config import FAMILY_DESCRIPTIONS, FAMILY_PRESETS, PRESET_DESCRIPTIONS, presets
 
 EVAL_NOT_YET = {
     "images": "image metrics (PSNR, SSIM, LPIPS, FID)",
@@ -136,6 +136,9 @@ def _demo(args) -> int:
 def _presets(args) -> int:
     for name in presets():
         print(f"{name:12s} {PRESET_DESCRIPTIONS[name]}")
+    for family, names in FAMILY_PRESETS.items():
+        aliases = ", ".join(f"{generic} -> {recipe}" for generic, recipe in names.items())
+        print(f"\non {FAMILY_DESCRIPTIONS[family]}: {aliases}")
     return 0
 
 

@@ -25,7 +25,8 @@ REG_WEIGHT = 3.0  # strong: with ~200 steps, decisions must settle early (AdaRou
 
 
 def capture_block_io(model: nn.Module, names: list[str], forward_loop: Callable[[], None]) -> dict:
-    """{block name: [(args, kwargs, output tensor), ...]}, one entry per call in the loop."""
+    """{block name: [(args, kwargs, output tensor), ...]}, one entry per call in the loop. All of
+    it stays in memory (two activations per block per calibration batch): keep calibration small."""
     records = {name: [] for name in names}
 
     def hook_for(name):

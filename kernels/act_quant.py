@@ -3,9 +3,11 @@
 Each program owns BLOCK_M rows. It reads them twice, back to back (the second read comes from L2):
 once for the row range, once to write the int8 operand of the GEMM and, for SVDQuant layers, the
 fp32 down-projection `x̂ L1` of the low-rank branch. No atomics: every output has one writer, so the
-results are bitwise identical run to run. Divisions by tensors use round-to-nearest (`div_rn`),
-scales are ranges times the reciprocal of the largest code (as the quantizer computes them), and
-rounding is half-to-even, so codes match the pure-torch quantizer exactly (kernels/reference.py).
+results are bitwise identical run to run. The arithmetic is the quantizer's, operation for operation:
+scales are ranges times the reciprocal of the largest code, values are multiplied by the reciprocal
+of their scale (one correctly rounded division per scale, none per element), rounding is
+half-to-even, and fp fusion is off (no FMA contraction), so codes match vqz's pure-torch quantizer
+exactly (kernels/reference.py).
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ def _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH: t
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     if HAS_SMOOTH:
-        lam = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0).to(x.dtype)
-        x = tl.math.div_rn(x.to(tl.float32), lam.to(tl.float32)[None, :]).to(x.dtype)
+        inv = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=cols < K, other=1.0))
+        x = (x.to(tl.float32) * inv[None, :]).to(x.dtype)
     return x
 
 
@@ -101,7 +103,7 @@ def _act_group_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, a_ptr, unit_ptr, xl1_pt
         scale = tl.maximum(tl.max(tl.abs(v), axis=2), _RANGE_FLOOR) * (1.0 / QMAX)
         mult = tl.minimum(tl.maximum(tl.math.ceil(tl.math.div_rn(scale, unit[:, None])), 1.0),
                           LEVELS)
-        code = _rne(tl.math.div_rn(v, (unit[:, None] * mult)[:, :, None]))
+        code = _rne(v * tl.math.div_rn(1.0, unit[:, None] * mult)[:, :, None])
         code = tl.minimum(tl.maximum(code, QMIN), QMAX)
         a = tl.reshape(code * mult[:, :, None], [BLOCK_M, BLOCK_K]).to(tl.int8)
         mask = (rows[:, None] < M) & (cols[None, :] < K)
@@ -141,7 +143,7 @@ def _act_token_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, lo_ptr, a_ptr, scale_pt
     for k0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         xs = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH)
-        v = tl.math.div_rn(xs.to(tl.float32), scale[:, None])
+        v = xs.to(tl.float32) * tl.math.div_rn(1.0, scale)[:, None]
         if MODE == 1:
             a = (tl.minimum(tl.maximum(_rne(v + zp[:, None]), 0.0), 255.0) - 128.0).to(tl.int8)
         elif MODE == 2:
@@ -189,7 +191,8 @@ class _Launch:
         _row_range_kernel[self.grid](
             x, self.smooth_arg, self.hi, self.lo, m, k, x.stride(0),
             HAS_SMOOTH=smooth is not None, SIGNED=signed, CHUNK=cfg["CHUNK"],
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+            enable_fp_fusion=False)
 
     @property
     def smooth_arg(self):
@@ -198,7 +201,7 @@ class _Launch:
     def common(self) -> dict:
         return dict(HAS_SMOOTH=self.smooth is not None, R=self.r,
                     IEEE=self.x.dtype == torch.float32, CHUNKS_P2=triton.next_power_of_2(self.chunks),
-                    **self.cfg)
+                    enable_fp_fusion=False, **self.cfg)
 
     def xl1(self):
         """The chunks' partial down-projections, added in a fixed order (deterministic)."""

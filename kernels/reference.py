@@ -8,12 +8,8 @@ import torch.nn.functional as F
 
 from vqz.config import QuantSpec
 from vqz.formats import unpack_codes
+from vqz.nn.smoothing import smooth_input
 from vqz.quantizer import Quantizer
-
-
-def smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
-    """x / λ in x's dtype, as QuantLinear computes it."""
-    return x if smooth is None else x / smooth.to(x.dtype)
 
 
 def _lowrank_down(xs: torch.Tensor, l1: torch.Tensor | None) -> torch.Tensor | None:
@@ -22,7 +18,7 @@ def _lowrank_down(xs: torch.Tensor, l1: torch.Tensor | None) -> torch.Tensor | N
 
 def act_quant_group(x, smooth, l1, *, group=64, levels=16, bits=4):
     """Reference of kernels.act_quant.act_quant_group: (a = code * multiplier, unit, xl1)."""
-    xs = smoothed(x, smooth)
+    xs = smooth_input(x, smooth)
     spec = QuantSpec(f"int{bits}", "group", group, dynamic=True, int_group_scales=levels)
     q = Quantizer(spec).quantize(xs)
     mult = q["group_scale"].repeat_interleave(group, -1)[..., :x.shape[-1]]
@@ -32,7 +28,7 @@ def act_quant_group(x, smooth, l1, *, group=64, levels=16, bits=4):
 
 def act_quant_token(x, smooth, l1, *, mode):
     """Reference of kernels.act_quant.act_quant_token: (a, scale, zero point - 128 or None, xl1)."""
-    xs = smoothed(x, smooth)
+    xs = smooth_input(x, smooth)
     fmt = "e4m3" if mode == "e4m3" else "int8"
     q = Quantizer(QuantSpec(fmt, "token", dynamic=True, symmetric=mode != "int8-asym")).quantize(xs)
     zp = None
@@ -57,8 +53,8 @@ def activation(y: torch.Tensor, name: str | None) -> torch.Tensor:
 def int8_gemm(a, b, scale_a, scale_b, *, zero_point=None, colsum_b=None, xl1=None, l2=None,
               bias=None, activation_name=None, out_dtype=torch.bfloat16):
     """Reference of kernels.int8_gemm.int8_gemm, in the kernel's order of fp32 operations; the
-    integer product is exact (int64)."""
-    y = (a.long() @ b.long().T).float()
+    integer product is exact (float64 holds every sum of int8 products below 2^53)."""
+    y = (a.double() @ b.double().T).float()
     if zero_point is not None:
         y = y - zero_point[:, None] * colsum_b[None, :]
     y = y * (scale_a[:, None] * scale_b[None, :])

@@ -58,7 +58,7 @@ class _Identity(torch.autograd.Function):
 
 
 def _to_code_domain(x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
-    v = x / scale
+    v = x * (1.0 / scale)  # a reciprocal per scale, a product per element: as the kernels do
     return v if zero_point is None else v + zero_point
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..nn import QuantConv2d, QuantLinear, QuantModule, attention_wrapper
+from ..nn.smoothing import smooth_input
 from ..nn.polish import PolishedQuantLinear
 from ..patch import LayerPlan
 from .gptq import gptq_quantize, input_hessian
@@ -56,7 +57,7 @@ def _gptq(stats, smooth, plan: LayerPlan):
     """R [N, K] -> GPTQ codes and scales, for the inputs `stats.sample` [S, K] divided by λ."""
     def round_weight(r):
         x = stats.sample.to(r.device, torch.float32)
-        return gptq_quantize(r, input_hessian(x if smooth is None else x / smooth.to(x)), plan.weight)
+        return gptq_quantize(r, input_hessian(smooth_input(x, smooth)), plan.weight)
     return round_weight
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from ..config import QuantSpec
 from ..kernels import linear_impl
 from .base import QuantModule
+from .smoothing import smooth_input
 from .timestep import make_act_quantizer
 from .weight import QuantWeight
 
@@ -80,7 +81,7 @@ class QuantLinear(QuantModule):
         return layer
 
     def smoothed(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.smooth is None else x / self.smooth.to(x.dtype)
+        return smooth_input(x, self.smooth)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """Q(R) [N, K] (or the float weight for activation-only configs)."""

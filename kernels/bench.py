@@ -167,10 +167,8 @@ def measure_ceilings() -> None:
 
 
 def bench_flux_block(tokens=4096, text_tokens=512) -> dict:
-    """A FluxTransformerBlock (FLUX.1 width 3072, 24 heads) forward, BF16 vs w4a4-svd with two-level
-    scales on the kernels (speed layout), random weights."""
-    from dataclasses import replace
-
+    """A FluxTransformerBlock (FLUX.1 width 3072, 24 heads) forward, BF16 vs w4a4-svd-fast (two-level
+    scales) on the kernels (speed layout), random weights."""
     from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 
     import vqz
@@ -188,10 +186,7 @@ def bench_flux_block(tokens=4096, text_tokens=512) -> dict:
     with torch.no_grad():
         bf16 = _graph_time_ms([lambda: block(**inputs)])
         ref = block(**inputs)[0].float()
-        cfg = get_preset("w4a4-svd")
-        if not cfg.weight.int_group_scales:
-            cfg = replace(cfg, weight=replace(cfg.weight, int_group_scales=LEVELS),
-                          act=replace(cfg.act, int_group_scales=LEVELS))
+        cfg = get_preset("w4a4-svd-fast")
         q = vqz.quantize(block, cfg, calib=lambda b: b(**inputs))
         layers = prepare_model(q)
         w4 = _graph_time_ms([lambda: q(**inputs)])

@@ -26,7 +26,7 @@ def _two_level(name):
                    else cfg.act)
 
 
-CONFIGS = {"w4a4-svd two-level": _two_level("w4a4-svd"), "w4a4 two-level": _two_level("w4a4"),
+CONFIGS = {"w4a4-svd two-level": get_preset("w4a4-svd-fast"), "w4a4 two-level": _two_level("w4a4"),
            "w4a8 two-level": _two_level("w4a8"), "w8a8": get_preset("w8a8")}
 
 

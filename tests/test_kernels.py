@@ -78,7 +78,7 @@ def test_int8_gemm_integer_products_are_exact(m, k):
     a, b = _int8((m, k), 1), _int8((96, k), 2)
     one_m, one_n = torch.ones(m, device=DEVICE), torch.ones(96, device=DEVICE)
     y = _twice(int8_gemm.int8_gemm, a, b, one_m, one_n, out_dtype=torch.float32)
-    exact = (a.long() @ b.long().T)
+    exact = a.double() @ b.double().T  # exact: every sum is an integer far below 2^53
     assert exact.abs().max() < 2**24  # every sum representable in fp32: compare exactly
     assert torch.equal(y, exact.float())
 

@@ -355,6 +355,9 @@ _PRESETS = {
     "w4a4": QuantConfig("w4a4", _int_w(4, 64), _dyn_a("int4", 64)),
     "w4a16": QuantConfig("w4a16", _int_w(4, 128), None),
     "w4a4-svd": QuantConfig("w4a4-svd", _int_w(4, 64), _dyn_a("int4", 64), rank=32, smooth=True),
+    "w4a4-svd-fast": QuantConfig("w4a4-svd-fast", replace(_int_w(4, 64), int_group_scales=16),
+                                 replace(_dyn_a("int4", 64), int_group_scales=16), rank=32,
+                                 smooth=True),
     "nvfp4-svd": QuantConfig("nvfp4-svd", QuantSpec("nvfp4", observer="minmax"),
                              QuantSpec("nvfp4", dynamic=True), rank=32, smooth=True),
     "vit-w8a8": _vit(8),
@@ -386,6 +389,8 @@ PRESET_DESCRIPTIONS = {
     "w4a4": "INT4 weights and activations in groups of 64 (round to nearest)",
     "w4a16": "INT4 weights in groups of 128, activations in full precision",
     "w4a4-svd": "SVDQuant: smoothing + rank-32 16-bit branch, INT4 group-64 weights and activations",
+    "w4a4-svd-fast": "w4a4-svd with two-level group scales (integers 1..16 under one fp32 scale per "
+                     "row): runs on the INT8 GPU kernels; 0.6 dB below w4a4-svd on the reference DiT",
     "nvfp4-svd": "SVDQuant with NVFP4 (E2M1, blocks of 16, E4M3 scales) weights and activations",
     "vit-w8a8": "timm ViT: INT8 weights per output channel, INT8 static per-tensor activations, "
                 "INT8 q/k/v and log-sqrt2 8-bit softmax in attention",

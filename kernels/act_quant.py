@@ -47,6 +47,23 @@ def _lowrank_step(acc, xs, l1_ptr, cols, K, R: tl.constexpr, IEEE: tl.constexpr)
 
 
 @triton.jit
+def _store_codes(a_ptr, a, acc, xs, l1_ptr, rows, cols, M, K, R: tl.constexpr, IEEE: tl.constexpr):
+    """Write one tile of codes; advance the chunk's down-projection when there is a branch."""
+    tl.store(a_ptr + rows[:, None] * K + cols[None, :], a,
+             mask=(rows[:, None] < M) & (cols[None, :] < K))
+    if R > 0:
+        acc = _lowrank_step(acc, xs, l1_ptr, cols, K, R, IEEE)
+    return acc
+
+
+@triton.jit
+def _store_lowrank(xl1_ptr, acc, chunk, rows, M, R: tl.constexpr):
+    if R > 0:
+        tl.store(xl1_ptr + (chunk * M + rows[:, None]) * R + tl.arange(0, R)[None, :], acc,
+                 mask=rows[:, None] < M)
+
+
+@triton.jit
 def _row_range_kernel(x_ptr, smooth_ptr, hi_ptr, lo_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr,
                       SIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_K: tl.constexpr):
@@ -107,13 +124,8 @@ def _act_group_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, a_ptr, unit_ptr, xl1_pt
         code = _rne(v * tl.math.div_rn(1.0, unit[:, None] * mult)[:, :, None])
         code = tl.minimum(tl.maximum(code, QMIN), QMAX)
         a = tl.reshape(code * mult[:, :, None], [BLOCK_M, BLOCK_K]).to(tl.int8)
-        mask = (rows[:, None] < M) & (cols[None, :] < K)
-        tl.store(a_ptr + rows[:, None] * K + cols[None, :], a, mask=mask)
-        if R > 0:
-            acc = _lowrank_step(acc, xs, l1_ptr, cols, K, R, IEEE)
-    if R > 0:
-        tl.store(xl1_ptr + (chunk * M + rows[:, None]) * R + tl.arange(0, R)[None, :], acc,
-                 mask=rows[:, None] < M)
+        acc = _store_codes(a_ptr, a, acc, xs, l1_ptr, rows, cols, M, K, R, IEEE)
+    _store_lowrank(xl1_ptr, acc, chunk, rows, M, R)
 
 
 @triton.jit
@@ -151,13 +163,8 @@ def _act_token_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, lo_ptr, a_ptr, scale_pt
             a = tl.minimum(tl.maximum(v, -448.0), 448.0).to(tl.float8e4nv)
         else:
             a = tl.minimum(tl.maximum(_rne(v), -128.0), 127.0).to(tl.int8)
-        mask = (rows[:, None] < M) & (cols[None, :] < K)
-        tl.store(a_ptr + rows[:, None] * K + cols[None, :], a, mask=mask)
-        if R > 0:
-            acc = _lowrank_step(acc, xs, l1_ptr, cols, K, R, IEEE)
-    if R > 0:
-        tl.store(xl1_ptr + (chunk * M + rows[:, None]) * R + tl.arange(0, R)[None, :], acc,
-                 mask=rows[:, None] < M)
+        acc = _store_codes(a_ptr, a, acc, xs, l1_ptr, rows, cols, M, K, R, IEEE)
+    _store_lowrank(xl1_ptr, acc, chunk, rows, M, R)
 
 
 TOKEN_MODES = {"int8": 0, "int8-asym": 1, "e4m3": 2}

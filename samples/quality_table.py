@@ -67,8 +67,10 @@ def sampler_loop(steps, seed):
     return lambda m: sample(m, n=16, seed=seed, steps=steps)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def quality_run(description: str):
+    """(args, device, results dict) for a sample-quality script: --n, --steps, --json."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=32, help="evaluation images per variant")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--json")
@@ -76,6 +78,11 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "n": args.n, "steps": args.steps}
+    return args, device, results
+
+
+def main():
+    args, device, results = quality_run(__doc__)
 
     dit = load_reference("dit").to(device)
     print("DiT, as trained")

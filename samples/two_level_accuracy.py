@@ -3,12 +3,10 @@ INT8 kernels run) against fp32 group scales, on the reference DiT: PSNR of sampl
 
     python samples/two_level_accuracy.py [--n 32] [--json samples/results/two_level.json]
 """
-import argparse
 import json
 from dataclasses import replace
 
-import torch
-from quality_table import NAIVE_W4A4, evaluate
+from quality_table import NAIVE_W4A4, evaluate, quality_run
 
 import vqz
 from vqz.config import get_preset
@@ -31,14 +29,7 @@ def variants():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=32, help="evaluation images per variant")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--json")
-    args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "n": args.n, "steps": args.steps}
+    args, device, results = quality_run(__doc__)
     dit = load_reference("dit").to(device)
     print("DiT, as trained")
     results["dit"] = evaluate(dit, variants(), args.n, args.steps)

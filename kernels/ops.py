@@ -15,12 +15,14 @@ def _empty(like: torch.Tensor, *shape) -> torch.Tensor:
     return like.new_empty(shape or (0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("vqz::act_quant_group", mutates_args=())
-def act_quant_group(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None,
+def _act_quant_group(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None,
                     group: int, levels: int, bits: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]:
     a, unit, xl1 = reference.act_quant_group(x, smooth, l1, group=group, levels=levels, bits=bits)
     return a, unit, xl1 if xl1 is not None else _empty(x, x.shape[0], 0)
+
+
+act_quant_group = torch.library.custom_op("vqz::act_quant_group", mutates_args=())(_act_quant_group)
 
 
 @act_quant_group.register_fake
@@ -30,12 +32,14 @@ def _(x, smooth, l1, group, levels, bits):
     return (x.new_empty(m, k, dtype=torch.int8), _empty(x, m), _empty(x, m, r))
 
 
-@torch.library.custom_op("vqz::act_quant_token", mutates_args=())
-def act_quant_token(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None,
+def _act_quant_token(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None,
                     mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     a, scale, zp, xl1 = reference.act_quant_token(x, smooth, l1, mode=mode)
     return (a, scale, zp if zp is not None else _empty(x),
             xl1 if xl1 is not None else _empty(x, x.shape[0], 0))
+
+
+act_quant_token = torch.library.custom_op("vqz::act_quant_token", mutates_args=())(_act_quant_token)
 
 
 @act_quant_token.register_fake
@@ -47,8 +51,7 @@ def _(x, smooth, l1, mode):
             _empty(x, m) if mode == "int8-asym" else _empty(x), _empty(x, m, r))
 
 
-@torch.library.custom_op("vqz::int8_gemm", mutates_args=())
-def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+def _int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
               zero_point: torch.Tensor | None, colsum_b: torch.Tensor | None,
               xl1: torch.Tensor | None, l2: torch.Tensor | None, bias: torch.Tensor | None,
               activation: str | None, out_dtype: torch.dtype) -> torch.Tensor:
@@ -57,14 +60,19 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
                                out_dtype=out_dtype)
 
 
+int8_gemm = torch.library.custom_op("vqz::int8_gemm", mutates_args=())(_int8_gemm)
+
+
 @int8_gemm.register_fake
 def _(a, b, scale_a, scale_b, zero_point, colsum_b, xl1, l2, bias, activation, out_dtype):
     return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("vqz::unpack_int4", mutates_args=())
-def unpack_int4(packed: torch.Tensor, multiplier: torch.Tensor, k: int, group: int) -> torch.Tensor:
+def _unpack_int4(packed: torch.Tensor, multiplier: torch.Tensor, k: int, group: int) -> torch.Tensor:
     return reference.unpack_int4(packed, multiplier, k, group)
+
+
+unpack_int4 = torch.library.custom_op("vqz::unpack_int4", mutates_args=())(_unpack_int4)
 
 
 @unpack_int4.register_fake
@@ -72,10 +80,12 @@ def _(packed, multiplier, k, group):
     return packed.new_empty(packed.shape[0], k, dtype=torch.int8)
 
 
-@torch.library.custom_op("vqz::w4a16_gemm", mutates_args=())
-def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int, group: int,
+def _w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int, group: int,
                bias: torch.Tensor | None) -> torch.Tensor:
     return reference.w4a16_gemm(x, packed, scale, k, group, bias)
+
+
+w4a16_gemm = torch.library.custom_op("vqz::w4a16_gemm", mutates_args=())(_w4a16_gemm)
 
 
 @w4a16_gemm.register_fake
@@ -111,6 +121,11 @@ def _register_triton() -> None:
     def _(x, packed, scale, k, group, bias):
         return int4_weights.w4a16_gemm(x, packed, scale, k, group, bias)
 
+
+# The same functions without the custom-op dispatch, for tensors off CUDA (where every op runs its
+# reference anyway): the layer path then never enters the dispatcher on CPU.
+PLAIN = {"act_quant_group": _act_quant_group, "act_quant_token": _act_quant_token,
+         "int8_gemm": _int8_gemm, "unpack_int4": _unpack_int4, "w4a16_gemm": _w4a16_gemm}
 
 TRITON_ON_CUDA = triton_available() and torch.cuda.is_available()
 if TRITON_ON_CUDA:

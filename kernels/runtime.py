@@ -75,6 +75,11 @@ def kernel_kind(layer) -> str | None:
     return None
 
 
+def _op(name: str, device: torch.device):
+    """The custom op on CUDA (what torch.compile traces), its plain reference elsewhere."""
+    return getattr(ops, name) if device.type == "cuda" else ops.PLAIN[name]
+
+
 def _set(layer, name: str, value: torch.Tensor | None) -> None:
     layer.register_buffer(name, value, persistent=False)
 
@@ -107,7 +112,8 @@ def prepare(layer, layout: str = DEFAULT_LAYOUT) -> bool:
     grouped = layer.weight_spec.granularity == "group"
     packed = grouped and layer.weight_spec.fmt.bits <= 4
     if packed:
-        weight = ops.unpack_int4(qw.codes, qw.group_scale, qw.k, layer.weight_spec.group_size)
+        weight = _op("unpack_int4", qw.codes.device)(qw.codes, qw.group_scale, qw.k,
+                                                       layer.weight_spec.group_size)
     else:
         weight = unpack_codes(qw.codes, layer.weight_spec.fmt.bits, qw.k, signed=True)
     # memory layout: leave the packed codes resident, unpack per call
@@ -156,9 +162,10 @@ def run(layer, x: torch.Tensor) -> torch.Tensor:
     bias = layer.bias
     if layer.kernel_kind == "w4a16":
         qw = layer.qweight
-        y = ops.w4a16_gemm(x2, qw.codes, qw.scale, qw.k, layer.weight_spec.group_size, bias)
+        y = _op("w4a16_gemm", x.device)(x2, qw.codes, qw.scale, qw.k,
+                                        layer.weight_spec.group_size, bias)
     elif layer.kernel_kind == "fp8":
-        a, scale, _, _ = ops.act_quant_token(x2, layer.smooth, None, "e4m3")
+        a, scale, _, _ = _op("act_quant_token", x.device)(x2, layer.smooth, None, "e4m3")
         y = torch._scaled_mm(a, layer.kernel_weight.t(), scale_a=scale[:, None],
                              scale_b=layer.kernel_wscale, bias=bias, out_dtype=x.dtype)
     else:
@@ -170,17 +177,18 @@ def _run_int8(layer, x, bias):
     l1 = getattr(layer, "kernel_l1", None) if layer.rank else None
     spec = layer.act_spec
     if spec.granularity == "group":
-        a, scale, xl1 = ops.act_quant_group(x, layer.smooth, l1, spec.group_size,
+        a, scale, xl1 = _op("act_quant_group", x.device)(x, layer.smooth, l1, spec.group_size,
                                             spec.int_group_scales, spec.fmt.bits)
         zp = None
     else:
-        a, scale, zp, xl1 = ops.act_quant_token(x, layer.smooth, l1, _act_mode(spec))
+        a, scale, zp, xl1 = _op("act_quant_token", x.device)(x, layer.smooth, l1, _act_mode(spec))
         zp = zp if zp.numel() else None
     weight = layer.kernel_weight
     if weight is None:
         qw = layer.qweight
-        weight = ops.unpack_int4(qw.codes, qw.group_scale, qw.k, layer.weight_spec.group_size)
-    return ops.int8_gemm(a, weight, scale, layer.kernel_wscale, zp,
+        weight = _op("unpack_int4", x.device)(qw.codes, qw.group_scale, qw.k,
+                                              layer.weight_spec.group_size)
+    return _op("int8_gemm", x.device)(a, weight, scale, layer.kernel_wscale, zp,
                          getattr(layer, "kernel_colsum", None), xl1 if l1 is not None else None,
                          layer.kernel_l2 if l1 is not None else None, bias, None, x.dtype)
 

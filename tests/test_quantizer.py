@@ -214,7 +214,8 @@ def test_lsq_gradients_and_training(symmetric):
         v = v + q.zero_point.detach()[:, None]
         clipped = (v < 0) | (v > 15)
     assert clipped.any() and not clipped.all()
-    assert torch.equal(x.grad, (~clipped).float())  # straight through inside the range, 0 outside
+    # straight through inside the range (to fp32 rounding of scale * (1 / scale)), 0 outside
+    assert torch.allclose(x.grad, (~clipped).float(), atol=1e-6) and (x.grad[clipped] == 0).all()
 
     with torch.no_grad():
         q.scale.mul_(4)  # a deliberately bad init

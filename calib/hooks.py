@@ -32,14 +32,19 @@ def run_with_input_hooks(modules: dict[str, nn.Module], on_input: Callable,
 
     handles = [m.register_forward_pre_hook(hook_for(name), with_kwargs=True)
                for name, m in modules.items()]
+    run_hooked(handles, forward_loop)
+    missing = sorted(set(modules) - reached)
+    if missing:
+        raise ValueError(f"calibration never ran layer(s) {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}; give calibration inputs that reach "
+                         f"them, or exclude them (exclude=[...])")
+
+
+def run_hooked(handles, forward_loop) -> None:
+    """Run `forward_loop()` without gradients, then remove the hooks `handles`, whatever happens."""
     try:
         with torch.no_grad():
             forward_loop()
     finally:
         for h in handles:
             h.remove()
-    missing = sorted(set(modules) - reached)
-    if missing:
-        raise ValueError(f"calibration never ran layer(s) {missing[:10]}"
-                         f"{' ...' if len(missing) > 10 else ''}; give calibration inputs that reach "
-                         f"them, or exclude them (exclude=[...])")

@@ -12,6 +12,11 @@ from vqz.nn.smoothing import smooth_input
 from vqz.quantizer import Quantizer
 
 
+def _per_column(per_group: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    """[..., G] values of groups of `group` columns -> [..., K], one per column."""
+    return per_group.repeat_interleave(group, -1)[..., :k]
+
+
 def _lowrank_down(xs: torch.Tensor, l1: torch.Tensor | None) -> torch.Tensor | None:
     return None if l1 is None else xs.float() @ l1.float()
 
@@ -21,7 +26,7 @@ def act_quant_group(x, smooth, l1, *, group=64, levels=16, bits=4):
     xs = smooth_input(x, smooth)
     spec = QuantSpec(f"int{bits}", "group", group, dynamic=True, int_group_scales=levels)
     q = Quantizer(spec).quantize(xs)
-    mult = q["group_scale"].repeat_interleave(group, -1)[..., :x.shape[-1]]
+    mult = _per_column(q["group_scale"], group, x.shape[-1])
     a = (q["codes"].to(torch.int32) * mult).to(torch.int8)
     return a, q["scale"].reshape(-1), _lowrank_down(xs, l1)
 
@@ -68,13 +73,13 @@ def int8_gemm(a, b, scale_a, scale_b, *, zero_point=None, colsum_b=None, xl1=Non
 def unpack_int4(packed, multiplier, k, group):
     """Reference of kernels.int4_weights.unpack_int4: int8 code * multiplier [N, K]."""
     codes = unpack_codes(packed, 4, k, signed=True).to(torch.int32)
-    return (codes * multiplier.repeat_interleave(group, -1)[:, :k]).to(torch.int8)
+    return (codes * _per_column(multiplier, group, k)).to(torch.int8)
 
 
 def w4a16_gemm(x, packed, scale, k, group, bias=None):
     """Reference of kernels.int4_weights.w4a16_gemm, in fp32."""
     codes = unpack_codes(packed, 4, k, signed=True).float()
-    w = codes * scale.repeat_interleave(group, -1)[:, :k]
+    w = codes * _per_column(scale, group, k)
     y = x.float() @ w.T
     if bias is not None:
         y = y + bias.float()

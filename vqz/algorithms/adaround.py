@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calib.hooks import run_hooked
 from ..nn import QuantLinear, QuantWeight
 from ..quantizer import Quantizer
 
@@ -36,12 +37,7 @@ def capture_block_io(model: nn.Module, names: list[str], forward_loop: Callable[
 
     handles = [model.get_submodule(n).register_forward_hook(hook_for(n), with_kwargs=True)
                for n in names]
-    try:
-        with torch.no_grad():
-            forward_loop()
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(handles, forward_loop)
     missing = [n for n, calls in records.items() if not calls]
     if missing:
         raise ValueError(f"calibration never ran block(s) {missing[:5]}; give calibration inputs "

@@ -9,13 +9,16 @@ from torch import nn
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
-def image_files(folder) -> list[Path]:
+def image_files(folder, what: str = "calibration image folder") -> list[Path]:
+    """The image files under `folder` (recursive), sorted by path; `what` names the folder's role in
+    the errors."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"calibration image folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        raise ValueError(f"{what} {folder} does not exist; pass a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}")
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder} "
+                         f"({what}); put the image files there or pass another folder")
     return files
 
 

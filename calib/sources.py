@@ -38,7 +38,7 @@ def as_forward_loop(calib, obj, model: nn.Module, *, passes: int = 1) -> Callabl
                         f"tensor as one batch, pass [tensor]")
     if passes > 1 and iter(calib) is calib:
         calib = list(calib)
-    device = _device_of(model)
+    device = device_of(model)
 
     def loop():
         count = 0
@@ -67,7 +67,7 @@ def _prompts(calib) -> list[str]:
     return list(calib)
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -75,17 +75,24 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _to(x, device):
-    return x.to(device) if isinstance(x, torch.Tensor) else x
+def to_device(value, device):
+    """`value` with every tensor inside (tuples, lists, dicts) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, Mapping):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def _call(model: nn.Module, batch, device) -> None:
     if isinstance(batch, torch.Tensor):
         model(batch.to(device))
     elif isinstance(batch, Mapping):
-        model(**{k: _to(v, device) for k, v in batch.items()})
+        model(**{k: to_device(v, device) for k, v in batch.items()})
     elif isinstance(batch, (tuple, list)):
-        model(*[_to(v, device) for v in batch])
+        model(*[to_device(v, device) for v in batch])
     else:
         raise TypeError(f"a calibration batch must be a tensor, a tuple/list of arguments or a dict "
                         f"of keyword arguments, got {type(batch).__name__}")

@@ -125,6 +125,16 @@ def tiny_sd_pipe():
     return build_tiny_sd_pipeline()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of many tiny ops (on a 2-core machine, threads make them
+    10-100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_denoisers():
     """The module tests/tiny_denoisers.py: tiny diffusers denoisers and example inputs for each."""

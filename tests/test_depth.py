@@ -251,6 +251,3 @@ def test_cli_eval_depth_errors(depth_model_dir, tmp_path, capsys):
     rc = main(["eval", "depth", "--model", str(depth_model_dir), "--data", str(data),
                "--preset", "w8a8"])
     assert rc == 1 and "must match" in capsys.readouterr().err
-
-    assert main(["eval", "images"]) == 2
-    assert "not available" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from vqz.nn import QuantConv2d, QuantLinear, QuantModule
 from vqz.pipelines import adapter_for
 
 pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # tiny model (tests/tiny_denoisers.py) -> the diffusers class, which is also its adapter's name
 FAMILIES = {
@@ -31,15 +32,6 @@ PRESETS = ["w8a8", "w4a8", "w4a4-svd"]
 OPTIONAL = {"class_embedding*", "encoder_hid_proj*", "ofs_embedding.*",
             "condition_embedder.image_embedder.*"}
 ATTENTION = re.compile(r"\.(to_[qkv]|to_out(\.0)?|add_[qkv]_proj|to_add_out|to_qkv_mlp_proj)$")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a 2-core machine intra-op threads make these many tiny ops 10-100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

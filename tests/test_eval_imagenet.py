@@ -107,8 +107,8 @@ def test_cli_bad_inputs(tmp_path, synthetic):
     result = run_cli("eval", "imagenet", "--model", "not_a_model_xyz", "--data", str(synthetic),
                      "--preset", "w8a8")
     assert result.returncode == 1 and "unknown model" in result.stderr
-    result = run_cli("eval", "images", "--ref", "x")
-    assert result.returncode == 2 and "not available" in result.stderr
+    result = run_cli("eval", "images", "--ref", str(tmp_path / "missing"), "--test", str(synthetic))
+    assert result.returncode == 1 and "reference folder (--ref)" in result.stderr
 
 
 def test_cli_end_to_end_on_imagenet_samples(tmp_path):

@@ -121,7 +121,8 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
             use_timestep_state(built.values(), timesteps, edges)
         if static:
             observe_layers(built, loop)
-        for name in tqdm(compensated, desc="vqz compensate", unit="layer", leave=False):
+        for name in tqdm(compensated, desc="vqz compensate", unit="layer", leave=False,
+                         disable=not compensated):
             weights[name] = compensate_layer(built[name], weights[name], stats.pop(name).sample)
         stats.clear()
         reconstruct_blocks(target, block_io, built, weights, cfg.reconstruct)

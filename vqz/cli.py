@@ -6,12 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import FAMILY_DESCRIPTIONS, FAMILY_PRESETS, PRESET_DESCRIPTIONS, presets
-
-EVAL_NOT_YET = {
-    "images": "image metrics (PSNR, SSIM, LPIPS, FID)",
-}
-
+from .cli_qat import add_qat_parser
+from .config import FAMILY_DESCRIPTIONS, FAMILY_PRESETS, PRESET_DESCRIPTIONS, presets, qat_presets
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -136,6 +132,9 @@ def _demo(args) -> int:
 def _presets(args) -> int:
     for name in presets():
         print(f"{name:12s} {PRESET_DESCRIPTIONS[name]}")
+    print("\nquantization-aware training (vqz qat / vqz.train_qat):")
+    for name in qat_presets():
+        print(f"{name:12s} {PRESET_DESCRIPTIONS[name]}")
     for family, names in FAMILY_PRESETS.items():
         aliases = ", ".join(f"{generic} -> {recipe}" for generic, recipe in names.items())
         print(f"\non {FAMILY_DESCRIPTIONS[family]}: {aliases}")
@@ -190,10 +189,38 @@ def _depth_parser(group) -> None:
     p.set_defaults(func=_eval_depth)
 
 
-def _eval_not_yet(args) -> int:
-    print(f"vqz eval {args.eval_command}: {EVAL_NOT_YET[args.eval_command]} is not available in "
-          f"vqz {_version()} yet.", file=sys.stderr)
-    return 2
+def _eval_images(args) -> int:
+    from .eval.image_sets import evaluate_images
+    from .eval.report import format_table, write_report
+
+    result = evaluate_images(args.ref, args.test, features=args.features,
+                             batch_size=args.batch_size, device=args.device,
+                             kid_subset_size=args.kid_subset_size)
+    print(format_table(result))
+    json_path, html_path = write_report(result, args.out)
+    print(f"\nwrote {json_path} and {html_path}")
+    return 0
+
+
+def _images_parser(group) -> None:
+    from .eval.features import SPECS
+
+    p = group.add_parser("images", help="PSNR, SSIM, LPIPS (paired) and FID, KID (sets) of test "
+                         "images against reference images; metrics whose nets are missing are "
+                         "skipped with the reason")
+    p.add_argument("--ref", required=True, help="reference images (png, jpg, jpeg, webp; "
+                   "sub-folders too), e.g. full-precision samples or video frames")
+    p.add_argument("--test", required=True, help="test images, paired with --ref by sorted file "
+                   "name; same count and sizes")
+    p.add_argument("--out", default="vqz-eval-images", help="folder for metrics.json and "
+                   "report.html (default ./vqz-eval-images)")
+    p.add_argument("--features", default="inception", help=f"FID/KID feature network: {SPECS} "
+                   "(default inception)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size, capped at "
+                   "the image count (default 1000)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(func=_eval_images)
 
 
 def _eval_parser(sub) -> None:
@@ -216,8 +243,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--csv", help="write timm-style results (full precision and quantized rows)")
     p.set_defaults(func=_eval_imagenet)
     _depth_parser(group)
-    for name, what in EVAL_NOT_YET.items():
-        group.add_parser(name, help=f"{what} (not available yet)").set_defaults(func=_eval_not_yet)
+    _images_parser(group)
 
 
 def _bench_kernels(args) -> int:
@@ -285,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=_presets)
 
+    add_qat_parser(sub)
     _eval_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command",
@@ -299,9 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.func is not _eval_not_yet:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:

@@ -30,7 +30,8 @@ class QuantSpec:
     dynamic: scales computed from each input on the fly instead of calibrated once.
     observer: how static scales are chosen: "minmax", "percentile" (of |x|) or "mse" (Lp-error
         grid search over clipping ratios, p = `lp`).
-    learnable: scale and offset become trainable parameters (LSQ+) for QAT.
+    learnable: for QAT: static scale and offset become trainable parameters (LSQ+); a dynamic
+        spec gets a trainable clip ratio (0.05..1) on the range of each input.
     int_group_scales: 0, or L (a power of two) for two-level group scales: each row's group scales
         are integers 1..L times one fp32 scale per row, so `code * group multiplier` fits int8 and
         the GPU kernels run a plain INT8 GEMM with all fp work in the epilogue (DESIGN §4). Group
@@ -368,6 +369,16 @@ _PRESETS = {
     "depth-w4a4": _depth(4, 4, 200),
 }
 
+# Quantization-aware training recipes (vqz.train_qat): learnable weight scales (LSQ) and learned
+# clip ratios of dynamic activations per timestep range; `rank` is the starting rank of the
+# auxiliary low-rank branch that training decays to 0. Not for vqz.quantize.
+_QAT_PRESETS = {
+    "w4a4-qat": QuantConfig("w4a4-qat", replace(_int_w(4, 64), learnable=True),
+                            replace(_dyn_a("int4", 64), learnable=True), rank=32, timestep_buckets=4),
+    "w4a8-qat": QuantConfig("w4a8-qat", replace(_int_w(4, 64), learnable=True),
+                            replace(_dyn_a("int8"), learnable=True), rank=32, timestep_buckets=4),
+}
+
 # Recipes made for one model family, and the generic names that family's adapter resolves to them
 # (vqz.quantize(timm_vit, "w8a8") runs "vit-w8a8"). A family recipe on a model of another family
 # is refused; a QuantConfig object is used as given.
@@ -404,6 +415,11 @@ PRESET_DESCRIPTIONS = {
                   "weights, learned rounding per block (200 steps)",
     "depth-w4a4": "depth: INT4 weights per output channel (MSE), INT4 polished activations, compensated "
                   "weights, learned rounding per block (200 steps)",
+    "w4a4-qat": "QAT: INT4 group-64 weights with learned scales, INT4 "
+                "group-64 dynamic activations with learned clip ratios per timestep range, "
+                "rank-32 auxiliary branch decayed to 0",
+    "w4a8-qat": "QAT: INT4 group-64 weights with learned scales, INT8 per-token activations with "
+                "learned clip ratios per timestep range, rank-32 auxiliary branch decayed to 0",
 }
 
 
@@ -428,7 +444,22 @@ def check_preset_name(name: str) -> None:
         get_preset(name)
 
 
+def qat_presets() -> list[str]:
+    """Names of the built-in quantization-aware training recipes."""
+    return list(_QAT_PRESETS)
+
+
+def get_qat_preset(name: str) -> QuantConfig:
+    if name not in _QAT_PRESETS:
+        raise ValueError(f"unknown QAT preset {name!r}; the QAT presets are: {', '.join(_QAT_PRESETS)}")
+    return _QAT_PRESETS[name]
+
+
 def get_preset(name: str) -> QuantConfig:
+    if name in _QAT_PRESETS:
+        raise ValueError(f"{name!r} is a quantization-aware training recipe: train it with "
+                         f"vqz.train_qat(model, {name!r}, data=..., steps=...) or `vqz qat`; "
+                         f"vqz.quantize takes the post-training presets: {', '.join(_PRESETS)}")
     if name not in _PRESETS:
         families = [f"{FAMILY_DESCRIPTIONS[f]}: {names[name]!r}"
                     for f, names in FAMILY_PRESETS.items() if name in names]

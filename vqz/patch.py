@@ -160,7 +160,8 @@ def _apply_rules(name: str, kind: str, cfg: QuantConfig, rules: tuple[LayerRule,
     if kind == "Attention":  # rules only select or skip attention; its specs come from cfg.attn
         return {"weight": None, "act": cfg.attn.operands, "probs": cfg.attn.probs,
                 "buckets": cfg.timestep_buckets, "rank_from_rule": False}
-    buckets = cfg.timestep_buckets if act is not None and not act.dynamic else 0
+    learned = act is not None and (not act.dynamic or act.learnable)  # static or a learned clip
+    buckets = cfg.timestep_buckets if learned else 0
     if kind == "Conv2d":
         if weight is None:
             return "activation-only configs quantize Linear layers only"

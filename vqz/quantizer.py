@@ -18,6 +18,9 @@ format of the same bits, scale = (max - min) / qmax, zero_point = round(-min / s
 x ~ (code - zero_point) * scale; zero_point is float32 (integer-valued unless learned by LSQ+).
 Block formats (MXFP4, NVFP4) carry their own scales and are always computed from x.
 
+A learnable dynamic spec (QAT) multiplies every computed range by `clip`, a trained scalar in
+[CLIP_MIN, 1] (1 at start), so the scales are clip * range / fmt.max_value.
+
 Two-level group scales (`spec.int_group_scales = L`): every row's group scales are integer
 multiples 1..L of one unit scale per row (group scales are rounded up to the next multiple). The
 quantizer holds the effective scales as above; `quantize` returns them split, "scale" [..., 1] the
@@ -37,6 +40,7 @@ from .formats import BlockCodes, IntFormat
 
 _RANGE_FLOOR = 1e-8  # smallest range a scale is made from, so all-zero input gives zeros, not 0/0
 _MSE_RATIOS = [1 - i / 100 for i in range(71)]  # clipping ratios 1.00, 0.99, ..., 0.30 of "mse"
+CLIP_MIN = 0.05  # smallest learned clip ratio of a dynamic range
 _MSE_CHUNK = 2**25  # elements of x tried at several ratios in one pass
 
 
@@ -99,9 +103,12 @@ class Quantizer(nn.Module):
         self.fmt = fmt if spec.symmetric else IntFormat(fmt.bits, signed=False)
         self._block = fmt.block_size is not None
         self._static = not (spec.dynamic or self._block)
-        if spec.learnable and not self._static:
-            raise ValueError(f"learnable scales need a static element format; {spec.format} with "
-                             f"dynamic={spec.dynamic} has no scale to learn")
+        if spec.learnable and self._block:
+            raise ValueError(f"learnable scales need an element format; the block format "
+                             f"{spec.format} computes its scales from every input")
+        if spec.learnable and spec.dynamic:
+            # QAT of dynamic activations: the range of each input is multiplied by a learned ratio.
+            self.clip = nn.Parameter(torch.ones(()))
         if self._static:
             self.register_buffer("scale", torch.empty(0))
             if not spec.symmetric:
@@ -241,8 +248,10 @@ class Quantizer(nn.Module):
             with torch.no_grad():
                 out = self._fake(xw, self._expand(scale, x), self._expand(zero_point, x))
             return _Identity.apply(x, out.to(x.dtype), 1.0)
-        # LSQ: scale gradients by 1/sqrt(elements per scale * largest code) to match x's updates
-        grad_scale = 1.0 / math.sqrt(x.numel() / scale.numel() * self.fmt.max_value)
+        # LSQ: scale gradients by 1/sqrt(elements per scale * largest code) to match x's updates;
+        # a learned clip ratio (dynamic) is one number for the whole input and keeps its gradient.
+        grad_scale = 1.0 / math.sqrt(x.numel() / scale.numel() * self.fmt.max_value) \
+            if self._static else 1.0
         scale = self._expand(_Identity.apply(scale, scale, grad_scale), x)
         if zero_point is not None:
             zero_point = self._expand(_Identity.apply(zero_point, zero_point, grad_scale), x)
@@ -296,7 +305,12 @@ class Quantizer(nn.Module):
         if self.spec.dynamic:
             with torch.no_grad():
                 v, shape = self._granules(x, per_row=True)
-                scale, zero_point = self._qparams(*self._minmax(v))
+                lo, hi = self._minmax(v)
+            if self.spec.learnable:
+                # clamped in value only: at clip = 1 a plain clamp would pass no gradient
+                clip = _Identity.apply(self.clip, self.clip.detach().clamp(CLIP_MIN, 1.0), 1.0)
+                lo, hi = None if lo is None else lo * clip, hi * clip
+            scale, zero_point = self._qparams(lo, hi)
             return self._two_level(scale.reshape(shape)), None if zero_point is None else zero_point.reshape(shape)
         if not self.calibrated:
             raise RuntimeError("this static quantizer is not calibrated: call observe(x) on "

@@ -145,7 +145,8 @@ def reconstruct_blocks(model: nn.Module, block_io: dict, layers: dict, weights: 
     """Learned rounding block by block (in `block_io`'s order, execution order) for the quantized
     layers `layers` ({name: module}) with INT weights, from their full-precision weights
     (`weights` {name: [N, K]}: the compensated ones where compensation ran)."""
-    for block_name in tqdm(list(block_io), desc="vqz reconstruct", unit="block", leave=False):
+    for block_name in tqdm(list(block_io), desc="vqz reconstruct", unit="block", leave=False,
+                           disable=not block_io):
         prefix = block_name + "."
         mine = {n[len(prefix):]: w for n, w in weights.items()
                 if n.startswith(prefix) and learnable(layers[n])}

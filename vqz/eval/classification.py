@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..calib.images import IMAGE_SUFFIXES, image_files
+from ..calib.sources import device_of
 
 LAYOUT = "<root>/<class>/<image>.JPEG (ImageFolder: one subfolder per class, sorted names = class index)"
 CSV_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
@@ -55,15 +56,10 @@ class ImageFolderSet(Dataset):
         return (self.transform(image) if self.transform else image), target
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def evaluate_top_k(model: nn.Module, loader, ks=(1, 5), progress: bool = True) -> dict:
     """{"top1": %, "top5": %, ..., "count": n} of `model` over (images, targets) batches."""
-    device = _device_of(model)
+    device = device_of(model)
     correct = dict.fromkeys(ks, 0)
     count = 0
     model.eval()

@@ -77,7 +77,8 @@ def bucket_edges(timesteps: list[float], buckets: int) -> torch.Tensor:
 
 
 class BucketedQuantizer(nn.Module):
-    """A static activation quantizer with one Quantizer(spec) per timestep range.
+    """An activation quantizer with one Quantizer(spec) per timestep range: static scales, or
+    (QAT) a learned clip ratio of dynamic ranges.
 
     `edges` [B - 1] (float64 buffer, ascending, set by `set_edges` at calibration) splits
     timesteps into B ranges; range i uses `quantizers[i]`. The TimestepState is attached by
@@ -86,8 +87,9 @@ class BucketedQuantizer(nn.Module):
 
     def __init__(self, spec: QuantSpec, buckets: int):
         super().__init__()
-        if spec.dynamic:
-            raise ValueError("dynamic activation scales need no timestep buckets")
+        if spec.dynamic and not spec.learnable:
+            raise ValueError("dynamic activation scales need no timestep buckets (unless their "
+                             "clip ratio is learned: learnable=True)")
         self.spec = spec
         self.quantizers = nn.ModuleList(Quantizer(spec) for _ in range(buckets))
         self.register_buffer("edges", torch.zeros(buckets - 1, dtype=torch.float64))
@@ -133,8 +135,8 @@ class BucketedQuantizer(nn.Module):
 
 
 def make_act_quantizer(spec: QuantSpec, buckets: int = 0) -> nn.Module:
-    """The activation quantizer for `spec`: per timestep range when buckets > 1 and scales are
-    static, else a plain Quantizer."""
-    if buckets > 1 and not spec.dynamic:
+    """The activation quantizer for `spec`: per timestep range when buckets > 1 and something is
+    learned or calibrated (static scales, or a learnable clip ratio), else a plain Quantizer."""
+    if buckets > 1 and (not spec.dynamic or spec.learnable):
         return BucketedQuantizer(spec, buckets)
     return Quantizer(spec)

@@ -1,0 +1,90 @@
+"""QAT `w4a4-qat` of the reference DiT against PTQ `w4a4-svd`: PSNR/SSIM of samples drawn with the
+same seeds as the full-precision model (DDIM, 25 steps, guidance 3).
+
+Training data are the full-precision model's own sampling trajectories (both guidance branches) on
+seeds disjoint from the evaluation and calibration seeds; the targets are its outputs there.
+
+    python samples/qat_reference.py --steps 4000 --json qat.json
+    # the same loss curve on two GPUs (DDP) and on one with the same effective batch:
+    accelerate launch --num_processes 2 samples/qat_reference.py --steps 800 --curve-only --out runs/ddp2
+    python samples/qat_reference.py --steps 800 --accumulate 2 --curve-only --out runs/single
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+import vqz
+from vqz.eval.images import psnr, ssim
+from vqz.pipelines.reference import load_reference, sample
+
+EVAL_SEED, CALIB_SEED, TRAIN_SEED = 0, 1000, 2000
+
+
+def trajectories(calls: int, batch: int, steps: int):
+    """data= for vqz.train_qat: `calls` sampler runs of `batch` images each, new seeds."""
+    def loop(model):
+        for i in range(calls):
+            sample(model, n=batch, seed=TRAIN_SEED + i, steps=steps)
+    return loop
+
+
+def quality(model, reference, n, steps) -> dict:
+    images = sample(model, n=n, seed=EVAL_SEED, steps=steps)
+    return {"psnr_db": psnr(images, reference).mean().item(), "ssim": ssim(images, reference).mean().item()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=4000, help="QAT optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--calls", type=int, default=16, help="sampler runs recorded as training data")
+    p.add_argument("--batch", type=int, default=32, help="images per sampler run (2x per call: CFG)")
+    p.add_argument("--n", type=int, default=32, help="evaluation images")
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--curve-only", action="store_true", help="train and write the loss log only")
+    p.add_argument("--out", help="checkpoints and the loss log")
+    p.add_argument("--json")
+    args = p.parse_args()
+
+    from accelerate import PartialState
+
+    state = PartialState()
+    fp = load_reference("dit").to(state.device)
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "processes": state.num_processes, "steps": args.steps, "lr": args.lr}
+    reference = None
+    if not args.curve_only and state.is_main_process:
+        reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
+        start = time.perf_counter()
+        ptq = vqz.quantize(copy.deepcopy(fp), "w4a4-svd",
+                           calib=lambda m: sample(m, n=16, seed=CALIB_SEED, steps=args.sample_steps))
+        results["ptq_w4a4_svd"] = {**quality(ptq, reference, args.n, args.sample_steps),
+                                   "seconds": time.perf_counter() - start}
+        print(f"PTQ w4a4-svd: {results['ptq_w4a4_svd']}", flush=True)
+    student = copy.deepcopy(fp)
+    start = time.perf_counter()
+    log = vqz.train_qat(student, "w4a4-qat", data=trajectories(args.calls, args.batch, args.sample_steps),
+                        steps=args.steps, lr=args.lr, accumulate=args.accumulate, out=args.out)
+    results["qat_seconds"] = time.perf_counter() - start
+    results["train_seconds"] = log.seconds
+    results["samples_per_second"] = log.samples_per_second
+    results["loss_first_100"] = sum(log.losses[:100]) / len(log.losses[:100])
+    results["loss_last_100"] = sum(log.losses[-100:]) / len(log.losses[-100:])
+    if not args.curve_only and state.is_main_process:
+        results["qat_w4a4"] = quality(student, reference, args.n, args.sample_steps)
+        print(f"QAT w4a4-qat: {results['qat_w4a4']}", flush=True)
+    if state.is_main_process:
+        print(json.dumps(results, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

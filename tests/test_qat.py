@@ -1,0 +1,237 @@
+"""Rank-decaying QAT: the schedule, the wrapper, export, the trainer and its checkpoints."""
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+import vqz
+from vqz.config import QuantSpec, get_qat_preset
+from vqz.eval.images import sqnr
+from vqz.nn import QuantLinear
+from vqz.qat import QATLinear, RankSchedule
+from vqz.qat.schedule import decay_ranks
+from vqz.qat.stability import clip_spikes, reset_moments
+from vqz.quantizer import Quantizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+W4 = QuantSpec("int4", "group", 16, observer="mse", learnable=True)
+A4 = QuantSpec("int4", "group", 16, dynamic=True, learnable=True)
+
+
+def test_decay_ranks_halve_to_zero():
+    assert decay_ranks(32) == [16, 8, 4, 2, 1, 0]
+    assert decay_ranks(24) == [12, 6, 3, 1, 0]
+    assert decay_ranks(0) == []
+
+
+def test_schedule_states_follow_the_cosine_fade():
+    s = RankSchedule(rank=8, every=10, start=5)
+    assert s.end == 5 + 4 * 10
+    assert s.state(0) == (8, 0, 1.0)
+    assert s.state(5) == (4, 4, 1.0)  # phase 0 starts with the dropped half at full weight
+    kept, fading, u = s.state(5 + 5)
+    assert (kept, fading) == (4, 4) and u == pytest.approx((1 + math.cos(math.pi / 2)) / 2)
+    assert s.state(15)[:2] == (2, 2) and s.state(35)[:2] == (0, 1)
+    assert s.state(45) == (0, 0, 1.0) and s.phase(45) is None
+
+
+def test_schedule_that_does_not_fit_is_refused():
+    with pytest.raises(ValueError, match=r"does not fit 50 steps.*end at step 60.*decay_every <= 8"):
+        RankSchedule(rank=32, every=10).check_fits(50)
+    with pytest.raises(ValueError, match=r"decays in 6 phases"):
+        RankSchedule.fitted(32, steps=7)
+    assert RankSchedule.fitted(32, steps=100).end <= 75
+
+
+def _linear(n=48, k=64, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(k, n)
+    layer.weight.data[:, 3] *= 20  # an outlier column gives the residual some structure
+    return layer
+
+
+def test_full_rank_branch_restores_the_weight_exactly():
+    linear = _linear()
+    layer = QATLinear(linear, W4, None, rank=48)
+    w_hat = layer.weight_quantizer(layer.weight) + (layer.lora_down @ layer.lora_up).T
+    assert (w_hat - linear.weight).abs().max() < 1e-4
+    x = torch.randn(5, 64)
+    assert torch.allclose(layer(x), linear(x), atol=1e-4)
+
+
+def test_refactor_keeps_the_best_low_rank_part():
+    layer = QATLinear(_linear(), W4, None, rank=16)
+    with torch.no_grad():
+        layer.lora_down.normal_()
+        layer.lora_up.normal_()
+        layer.fade[12:] = 0.5
+    product = (layer.lora_down * layer.fade) @ layer.lora_up
+    u, s, vh = torch.linalg.svd(product)
+    best4 = (u[:, :4] * s[:4]) @ vh[:4]
+    layer.refactor(4)
+    layer.set_fade(4, 0, 1.0)
+    got = (layer.lora_down * layer.fade) @ layer.lora_up
+    assert (got - best4).abs().max() < 1e-3 * best4.abs().max()
+    assert layer.lora_down[:, 4:].abs().max() == 0 and layer.lora_up[4:].abs().max() == 0
+
+
+def test_learned_clip_starts_as_the_plain_dynamic_quantizer_and_gets_gradients():
+    x = torch.randn(6, 64, requires_grad=True)
+    learned = Quantizer(A4)
+    plain = Quantizer(replace(A4, learnable=False))
+    y = learned(x)
+    assert torch.equal(y, plain(x))
+    ((y - 0.3 * x.detach()) ** 2).sum().backward()
+    assert learned.clip.grad is not None and learned.clip.grad.abs() > 0
+    with torch.no_grad():
+        learned.clip.fill_(0.5)
+    assert torch.allclose(learned.quantize(x)["scale"], 0.5 * plain.quantize(x)["scale"], rtol=1e-6)
+
+
+def test_export_at_rank_zero_equals_the_wrapper():
+    layer = QATLinear(_linear(), W4, A4, rank=8)
+    x = torch.randn(7, 64)
+    with pytest.raises(ValueError, match="still has rank 8"):
+        layer.to_quant_linear()
+    layer.refactor(0)
+    layer.set_fade(0, 0, 1.0)
+    with torch.no_grad():
+        layer.weight_quantizer.scale.mul_(1.1)  # as if trained
+        layer.act_quantizer.clip.fill_(0.8)
+    exported = layer.to_quant_linear()
+    assert isinstance(exported, QuantLinear) and exported.rank == 0
+    assert torch.equal(exported(x), layer(x))
+
+
+def test_spike_clipping_and_moment_reset():
+    p = nn.Parameter(torch.zeros(4))
+    opt = torch.optim.AdamW([p])
+    opt.state[p] = {"exp_avg_sq": torch.full((4,), 1e-4), "exp_avg": torch.zeros(4), "step": torch.tensor(3.)}
+    p.grad = torch.tensor([0.5, -0.5, 1e-3, -1e-3])
+    assert clip_spikes(opt, threshold=100.0) == 2  # limit sqrt(100 * 1e-4) = 0.1
+    assert torch.allclose(p.grad, torch.tensor([0.1, -0.1, 1e-3, -1e-3]))
+    reset_moments(opt, [p])
+    assert p not in opt.state
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dit(tiny_denoisers):
+    build, inputs = tiny_denoisers.FAMILIES["dit"]
+    return build, [inputs(s) for s in range(4)]
+
+
+def _recipe(rank=8):
+    return replace(get_qat_preset("w4a4-qat"), rank=rank)
+
+
+def _train(model, data, steps=16, **kw):
+    kw.setdefault("decay_every", 2)
+    return vqz.train_qat(model, _recipe(), data=data, steps=steps, lr=1e-4, **kw)
+
+
+def _epoch_means(log, n):
+    """Mean loss of the first and the last epoch: every record once in each, so they compare."""
+    return sum(log.losses[:n]) / n, sum(log.losses[-n:]) / n
+
+
+@torch.no_grad()
+def _out(model, x):
+    return model(**x, return_dict=False)[0]
+
+
+def test_trained_model_is_plain_quantized_and_closer_than_its_start(tiny_dit, tmp_path):
+    build, data = tiny_dit
+    fp = build()
+    model = build()
+    log = _train(model, data, steps=24, decay_every=2, decay_start=4)
+    assert log.ranks[:4] == [8] * 4 and log.ranks[4] == 8 and log.ranks[6] == 4
+    assert log.ranks[-12:] == [0] * 12  # 4 phases of 2 steps from step 4: rank 0 from step 12
+    assert not any(isinstance(m, QATLinear) for m in model.modules())
+    assert all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith("to_q"))
+    first, last = _epoch_means(log, 4)
+    assert last < first
+    start = vqz.quantize(build(), "w4a4")  # round to nearest, the same formats, no training
+    for x in data:
+        assert sqnr(_out(model, x), _out(fp, x)) > sqnr(_out(start, x), _out(fp, x))
+    vqz.save(model, tmp_path / "q")
+    loaded = vqz.load(build(), tmp_path / "q")
+    for x in data:
+        assert torch.equal(_out(loaded, x), _out(model, x))
+
+
+def test_frozen_parameters_stay_frozen_and_untouched(tiny_dit):
+    build, data = tiny_dit
+    model = build()
+    norm_before = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
+    _train(model, data, steps=10, decay_every=1)
+    for n, p in model.named_parameters():
+        if n in norm_before:
+            assert torch.equal(p, norm_before[n]) and p.requires_grad
+
+
+def test_resume_continues_exactly(tiny_dit, tmp_path):
+    build, data = tiny_dit
+    straight = build()
+    _train(straight, data, steps=10, decay_every=1, out=tmp_path / "a", checkpoint_every=5)
+    resumed = build()
+    log = _train(resumed, data, steps=10, decay_every=1, resume=tmp_path / "a" / "checkpoint-5")
+    assert log.start == 5 and len(log.losses) == 5
+    for x in data:
+        assert torch.allclose(_out(resumed, x), _out(straight, x), atol=1e-5)
+
+
+def test_resume_from_another_config_is_refused(tiny_dit, tmp_path):
+    build, data = tiny_dit
+    _train(build(), data, steps=5, decay_every=1, out=tmp_path / "a")
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"written by another run.*schedule"):
+        _train(model, data, steps=10, decay_every=2, resume=tmp_path / "a" / "checkpoint-5")
+    assert not any(isinstance(m, QATLinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_teacher_of_another_architecture_is_refused(tiny_dit, tiny_denoisers):
+    build, data = tiny_dit
+    other = tiny_denoisers.FAMILIES["pixart"][0]()
+    with pytest.raises(ValueError, match="teacher is a PixArtTransformer2DModel of another architecture"):
+        _train(build(), data, teacher=other)
+
+
+def test_teacher_outputs_are_the_targets(tiny_dit):
+    build, data = tiny_dit
+    teacher = build()
+    with torch.no_grad():  # a different function of the same architecture, reachable by training
+        teacher.transformer_blocks[1].ff.net[2].weight.mul_(3.0)
+    model = build()
+    vqz.train_qat(model, _recipe(), data=data, steps=32, lr=1e-3, decay_every=2, teacher=teacher)
+    x = data[0]
+    to_teacher = sqnr(_out(model, x), _out(teacher, x))
+    assert to_teacher > sqnr(_out(build(), x), _out(teacher, x)) + 3
+    assert to_teacher > sqnr(_out(model, x), _out(build(), x))
+
+
+def test_ptq_entry_refuses_a_qat_preset(tiny_dit):
+    with pytest.raises(ValueError, match="'w4a4-qat' is a quantization-aware training recipe"):
+        vqz.quantize(tiny_dit[0](), "w4a4-qat")
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "pixart", "flux"])
+def test_families_train_to_plain_quantized_layers(family, tiny_denoisers, tmp_path):
+    build, inputs = tiny_denoisers.FAMILIES[family]
+    data = [inputs(s) for s in range(4)]  # 4 distinct timesteps for the 4 clip ranges
+    model = build()
+    log = _train(model, data, steps=24, decay_every=2)
+    first, last = _epoch_means(log, 4)
+    assert log.ranks[-1] == 0 and last < first
+    assert not any(isinstance(m, QATLinear) for m in model.modules())
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) >= 4
+    vqz.save(model, tmp_path / "q")
+    loaded = vqz.load(build(), tmp_path / "q")
+    assert torch.equal(_out(loaded, data[0]), _out(model, data[0]))

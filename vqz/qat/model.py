@@ -1,0 +1,68 @@
+"""Putting QAT wrappers into a model, stepping their rank schedule, and taking them out again.
+Swaps go through the caller's Transaction, so a failed run can be rolled back whole."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..nn.linear import QuantLinear
+from ..nn.timestep import (STATE_NAME, attach_timestep_state, detach_timestep_state,
+                           use_timestep_state)
+from ..patch import Plan, Transaction, module_paths
+from .linear import QATLinear
+from .schedule import RankSchedule
+
+
+def wrap(target: nn.Module, plan: Plan, edges, tx: Transaction) -> dict[str, QATLinear]:
+    """Replace every Linear layer of `plan` by a QATLinear. Timestep ranges (`edges`, see
+    bucket_edges) are needed when the plan's layers have act buckets."""
+    paths = module_paths(target)
+    layers = {}
+    for p in plan.layers:
+        original = target.get_submodule(p.name)
+        new = QATLinear(original, p.weight, p.act, p.rank, p.buckets)
+        for path in paths[id(original)]:
+            tx.swap(path, new)
+        layers[p.name] = new
+    if any(p.buckets > 1 for p in plan.layers):
+        if edges is None:
+            raise ValueError("per-timestep clip ratios need the training timesteps' ranges")
+        use_timestep_state(layers.values(), attach_timestep_state(target), edges)
+        tx.undo.append(lambda: detach_timestep_state(target))
+    return layers
+
+
+def qat_layers(model: nn.Module) -> dict[str, QATLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QATLinear)}
+
+
+def apply_schedule(model: nn.Module, schedule: RankSchedule, step: int) -> bool:
+    """Set every wrapper's branch for `step`: re-factorised by SVD when a new decay phase began
+    since it was last set (so resuming at any step works), faded as the schedule says. Returns
+    whether the factors changed (their optimizer moments then no longer apply)."""
+    kept, fading, u = schedule.state(step)
+    phase = schedule.phase(step)
+    key = -1 if step < schedule.start else (schedule.phases if phase is None else phase)
+    changed = False
+    for layer in qat_layers(model).values():
+        if layer.rank and int(layer.phase) != key:
+            layer.refactor(kept + fading)
+            layer.phase.fill_(key)
+            changed = True
+        layer.set_fade(kept, fading, u)
+    return changed
+
+
+def unwrap(target: nn.Module, tx: Transaction) -> dict[str, QuantLinear]:
+    """Replace every QATLinear by its plain quantized layer; the timestep state, if any, stays and
+    now serves the exported layers."""
+    paths = module_paths(target)
+    exported = {}
+    for name, layer in qat_layers(target).items():
+        new = layer.to_quant_linear()
+        for path in paths[id(layer)]:
+            tx.swap(path, new)
+        exported[name] = new
+    state = getattr(target, STATE_NAME, None)
+    if state is not None:
+        use_timestep_state(exported.values(), state)
+    return exported

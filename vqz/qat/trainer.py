@@ -1,0 +1,229 @@
+"""The QAT training loop: distillation from recorded teacher outputs, on accelerate (one or several
+GPUs or nodes, DDP or FSDP), with bf16 autocast, gradient checkpointing and checkpoint/resume."""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calib.sources import to_device
+from ..quantizer import Quantizer
+from .data import Record, first_tensor
+from .model import apply_schedule, qat_layers
+from .schedule import RankSchedule
+from .stability import clip_spikes, reset_moments
+
+STATE_FILE = "qat.json"
+
+
+@dataclass
+class TrainOptions:
+    """steps: optimizer steps. lr: of the weights, biases and branch; quant_lr: of the learned
+    scales and clip ratios (default lr). accumulate: micro-batches (records) per step and process.
+    mixed_precision: "bf16", "fp16" or "no" (default bf16 on CUDA, else no). out: folder for
+    checkpoints and the loss log. checkpoint_every: steps between checkpoints (0: at the end only,
+    when `out` is set). resume: a checkpoint folder to continue from. spike_threshold: SPAM's θ
+    (clip g² > θ·v), None: off. reset_every: steps between optimizer-moment resets (0: only the
+    branch's, when the rank schedule re-factorises it). timestep_weight: t -> loss weight.
+    max_grad_norm: global gradient-norm clip (None: off)."""
+
+    steps: int
+    schedule: RankSchedule
+    lr: float = 1e-4
+    quant_lr: float | None = None
+    accumulate: int = 1
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
+    out: str | Path | None = None
+    checkpoint_every: int = 0
+    resume: str | Path | None = None
+    log_every: int = 10
+    spike_threshold: float | None = None
+    reset_every: int = 0
+    timestep_weight: Callable[[float | None], float] | None = None
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
+        self.schedule.check_fits(self.steps)
+
+
+@dataclass
+class TrainLog:
+    """losses[i]: the mean distillation loss of step start + i over all processes."""
+
+    start: int
+    losses: list
+    ranks: list
+    seconds: float
+    samples: int  # teacher-labelled samples seen, all processes together
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
+
+
+def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity: dict) -> TrainLog:
+    """Train the QAT wrappers of `model` (every other parameter stays frozen) to reproduce the
+    records' targets. `identity` (JSON) describes the run; a resumed checkpoint must match it."""
+    from accelerate import Accelerator
+
+    mixed = opts.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=opts.accumulate)
+    if opts.gradient_checkpointing:
+        if not hasattr(model, "enable_gradient_checkpointing"):
+            raise ValueError(f"{type(model).__name__} has no enable_gradient_checkpointing(); "
+                             f"train without gradient_checkpointing")
+        model.enable_gradient_checkpointing()
+    optimizer = _optimizer(model, opts)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(model)
+    branch = [p for layer in qat_layers(inner).values() for p in (layer.lora_down, layer.lora_up)]
+    fsdp = accelerator.distributed_type.name == "FSDP"
+    start = _resume(accelerator, opts.resume, identity) if opts.resume else 0
+    order = _Order(len(records), accelerator.num_processes, accelerator.process_index, opts.seed)
+    losses, ranks, samples = [], [], 0
+    began = time.perf_counter()
+    bar = tqdm(range(start, opts.steps), desc="vqz qat", unit="step", initial=start,
+               total=opts.steps, disable=not accelerator.is_local_main_process)
+    for step in bar:
+        with _full_params(model) if fsdp else nullcontext():
+            refactored = apply_schedule(inner, opts.schedule, step)
+        if refactored or (opts.reset_every and step and step % opts.reset_every == 0):
+            reset_moments(optimizer, None if fsdp or not refactored else branch)
+        total = torch.zeros((), device=accelerator.device)
+        for micro in range(opts.accumulate):
+            record = records[order[step * opts.accumulate + micro]]
+            with accelerator.accumulate(model):
+                loss = _loss(model, record, accelerator, opts.timestep_weight)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    _clip(accelerator, model, optimizer, opts)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total += loss.detach()
+            samples += record.target.shape[0] * accelerator.num_processes
+        loss_value = accelerator.reduce(total / opts.accumulate, "mean").item()
+        losses.append(loss_value)
+        kept, fading, _ = opts.schedule.state(step)
+        ranks.append(kept + fading)
+        if step % opts.log_every == 0 or step == opts.steps - 1:
+            bar.set_postfix(loss=f"{loss_value:.4g}", rank=ranks[-1])
+        if opts.out and opts.checkpoint_every and (step + 1) % opts.checkpoint_every == 0:
+            save_checkpoint(accelerator, Path(opts.out) / f"checkpoint-{step + 1}", step + 1, identity)
+    apply_schedule(inner, opts.schedule, opts.steps)
+    seconds = time.perf_counter() - began
+    log = TrainLog(start, losses, ranks, seconds, samples)
+    if opts.out:
+        save_checkpoint(accelerator, Path(opts.out) / f"checkpoint-{opts.steps}", opts.steps, identity)
+        if accelerator.is_main_process:
+            _write_log(Path(opts.out), log, accelerator.num_processes)
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return log
+
+
+def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
+    layers = list(qat_layers(model).values())
+    if not layers:
+        raise ValueError("the model has no QAT wrappers to train")
+    model.requires_grad_(False)
+    quant, other = [], []
+    for layer in layers:
+        layer.requires_grad_(True)
+        for module in layer.modules():
+            own = list(module.parameters(recurse=False))
+            (quant if isinstance(module, Quantizer) else other).extend(own)
+    groups = [{"params": other, "lr": opts.lr}, {"params": quant, "lr": opts.quant_lr or opts.lr}]
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def _loss(model, record: Record, accelerator, weight) -> torch.Tensor:
+    device = accelerator.device
+    with accelerator.autocast():
+        out = first_tensor(model(*to_device(record.args, device), **to_device(record.kwargs, device)))
+    loss = F.mse_loss(out.float(), record.target.to(device).float())
+    return loss * weight(record.timestep) if weight is not None else loss
+
+
+def _clip(accelerator, model, optimizer, opts: TrainOptions) -> None:
+    if opts.spike_threshold is None and opts.max_grad_norm is None:
+        return
+    accelerator.unscale_gradients()
+    if opts.spike_threshold is not None:
+        clip_spikes(optimizer, opts.spike_threshold)
+    if opts.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), opts.max_grad_norm)
+
+
+def _full_params(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(model, writeback=True)
+
+
+class _Order:
+    """Which record each process trains on at micro-step m: every epoch a fresh permutation (seeded,
+    the same on every process), dealt out round-robin so the processes never share a record."""
+
+    def __init__(self, n: int, processes: int, index: int, seed: int):
+        self.per_process = n // processes
+        if self.per_process == 0:
+            raise ValueError(f"{n} training batches cannot be shared by {processes} processes; "
+                             f"give more data (prompts or batches)")
+        self.n, self.processes, self.index, self.seed = n, processes, index, seed
+        self._epoch, self._perm = None, None
+
+    def __getitem__(self, m: int) -> int:
+        epoch, position = divmod(m, self.per_process)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator).tolist()
+        return self._perm[position * self.processes + self.index]
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, identity: dict) -> None:
+    """Model, optimizer and RNG states (accelerate), and `qat.json`: the run's identity and step."""
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / STATE_FILE).write_text(json.dumps({**identity, "step": step}, indent=2))
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator, folder, identity: dict) -> int:
+    folder = Path(folder)
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a vqz QAT checkpoint (no {STATE_FILE}); resume from "
+                                f"a checkpoint-<step> folder written by an earlier run")
+    saved = json.loads(state_file.read_text())
+    different = sorted(k for k in identity if saved.get(k) != identity[k])
+    if different:
+        raise ValueError(f"the checkpoint {folder} was written by another run (preset "
+                         f"{saved.get('preset')!r}): its {', '.join(different)} differ from this "
+                         f"run's; resume with the same model, preset and schedule, or start afresh")
+    accelerator.load_state(str(folder))
+    return int(saved["step"])
+
+
+def _write_log(out: Path, log: TrainLog, processes: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train_log.csv", "w") as f:
+        f.write("step,loss,rank\n")
+        for i, (loss, rank) in enumerate(zip(log.losses, log.ranks)):
+            f.write(f"{log.start + i},{loss:.6g},{rank}\n")
+    summary = {"steps": log.start + len(log.losses), "seconds": round(log.seconds, 2),
+               "samples_per_second": round(log.samples_per_second, 2), "processes": processes}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,124 @@
+"""vqz.train_qat: quantization-aware training with rank-decaying wrappers (QVGen), in one call."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .api import STATE_ATTR, QuantState, resolve_target
+from .calib import as_forward_loop
+from .config import QuantConfig, get_qat_preset
+from .nn.timestep import bucket_edges
+from .patch import Plan, Skipped, Transaction, architecture_fingerprint, plan_layers
+from .pipelines import adapter_for
+from .qat.data import record_calls, relabel
+from .qat.model import unwrap, wrap
+from .qat.schedule import RankSchedule
+from .qat.trainer import TrainLog, TrainOptions, train
+
+
+def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_every: int | None = None,
+              decay_start: int = 0, decay_fraction: float = 0.75, **options) -> TrainLog:
+    """Quantization-aware training of `obj` (an nn.Module or a diffusers pipeline, whose denoiser
+    is trained) in place; afterwards its Linear layers are plain quantized layers (vqz.save,
+    vqz.summary and the kernels take them as they take vqz.quantize's). Returns the loss log.
+
+    config: a QAT preset (`vqz.config.qat_presets()`) or a QuantConfig with learnable specs; its
+    `rank` is the auxiliary branch's starting rank. data: what the full-precision model is run on
+    to record its inputs and outputs (prompts for a pipeline, batches of model inputs, or a
+    forward-loop callable, as `calib=` of vqz.quantize). teacher: a full-precision model of the
+    same architecture whose outputs are the targets (default: `obj` itself before training).
+    decay_every/decay_start: the rank schedule (steps per halving, first step of the decay);
+    default: the phases spread over the first `decay_fraction` of the steps. `options`: the fields
+    of TrainOptions (lr, accumulate, mixed_precision, out, resume, spike_threshold, ...).
+    If training fails, `obj` is left as it was.
+    """
+    target = resolve_target(obj)
+    cfg = get_qat_preset(config) if isinstance(config, str) else config
+    _check_config(cfg)
+    if getattr(target, STATE_ATTR, None) is not None:
+        raise ValueError("this model is already quantized; train a fresh full-precision model")
+    schedule = RankSchedule(cfg.rank, decay_every, decay_start) if decay_every is not None \
+        else RankSchedule.fitted(cfg.rank, steps, decay_fraction)
+    opts = TrainOptions(steps=steps, schedule=schedule, **options)
+    fingerprint = architecture_fingerprint(target)
+    teacher_model = None if teacher is None else _same_architecture(resolve_target(teacher), target,
+                                                                    fingerprint)
+    plan = _linear_plan(target, cfg)
+    records = record_calls(target, as_forward_loop(data, obj, target))
+    if teacher_model is not None:
+        relabel(records, teacher_model)
+    edges = _edges(records, cfg)
+    identity = {"preset": cfg.name, "config": cfg.to_dict(), "schedule": schedule.to_dict(),
+                "fingerprint": fingerprint}
+    trainable = {p: p.requires_grad for p in target.parameters()}
+    tx = Transaction(target)
+    try:
+        wrap(target, plan, edges, tx)
+        # Distillation compares student and teacher at the same inputs: no dropout, no label
+        # dropping for guidance (diffusers drops class labels in training mode).
+        target.eval()
+        log = train(target, records, opts, identity)
+        unwrap(target, tx)
+        tx.restore_modes()
+    except BaseException:
+        tx.rollback()
+        raise
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+    setattr(target, STATE_ATTR, QuantState(_exported_config(cfg), _exported_plan(plan), fingerprint,
+                                           type(target).__name__))
+    return log
+
+
+def _check_config(cfg: QuantConfig) -> None:
+    if not isinstance(cfg, QuantConfig):
+        raise TypeError(f"config must be a QAT preset name or a vqz.QuantConfig, got {type(cfg).__name__}")
+    if cfg.weight is None or not cfg.weight.learnable or (cfg.act is not None and not cfg.act.learnable):
+        raise ValueError(f"config {cfg.name!r} is not a QAT recipe: its weight (and activation) specs "
+                         f"need learnable=True; use a QAT preset such as 'w4a4-qat'")
+    if cfg.smooth or cfg.gptq or cfg.attn is not None or cfg.polish or cfg.compensate \
+            or cfg.reconstruct or cfg.repq:
+        raise ValueError("QAT trains Linear layers only, without smoothing, GPTQ, attention "
+                         "quantizers or QuartDepth/RepQ steps; drop those fields from the config")
+
+
+def _same_architecture(teacher, target, fingerprint: str):
+    if getattr(teacher, STATE_ATTR, None) is not None:
+        raise ValueError("the teacher is quantized; distil from the full-precision model")
+    if architecture_fingerprint(teacher) != fingerprint:
+        raise ValueError(f"the teacher is a {type(teacher).__name__} of another architecture than the "
+                         f"{type(target).__name__} being trained; the teacher must be the "
+                         f"full-precision model with the same class and config")
+    return teacher
+
+
+def _linear_plan(target, cfg: QuantConfig) -> Plan:
+    adapter = adapter_for(target)
+    full = plan_layers(target, cfg, adapter.default_rules)
+    plan = Plan([p for p in full.layers if p.kind == "Linear"], list(full.skipped))
+    plan.skipped += [Skipped(p.name, p.kind, "QAT wraps Linear layers only")
+                     for p in full.layers if p.kind != "Linear"]
+    if not plan.layers:
+        raise ValueError(f"no Linear layer of {type(target).__name__} was selected for QAT")
+    return plan
+
+
+def _edges(records, cfg: QuantConfig):
+    if cfg.timestep_buckets <= 1:
+        return None
+    timesteps = [r.timestep for r in records]
+    if any(t is None for t in timesteps):
+        raise ValueError(f"timestep_buckets={cfg.timestep_buckets} learns clip ratios per timestep "
+                         f"range, but the model is called without a timestep; pass "
+                         f"timestep_buckets=0 in the config")
+    return bucket_edges(timesteps, cfg.timestep_buckets)
+
+
+def _exported_config(cfg: QuantConfig) -> QuantConfig:
+    return replace(cfg, weight=replace(cfg.weight, learnable=False), rank=0)
+
+
+def _exported_plan(plan: Plan) -> Plan:
+    return Plan([replace(p, weight=replace(p.weight, learnable=False), rank=0) for p in plan.layers],
+                plan.skipped)
+

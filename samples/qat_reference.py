@@ -15,10 +15,12 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import replace
 
 import torch
 
 import vqz
+from vqz.config import get_qat_preset
 from vqz.eval.images import psnr, ssim
 from vqz.pipelines.reference import load_reference, sample
 
@@ -47,6 +49,7 @@ def main():
     p.add_argument("--batch", type=int, default=32, help="images per sampler run (2x per call: CFG)")
     p.add_argument("--n", type=int, default=32, help="evaluation images")
     p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--smooth", action="store_true", help="w4a4-qat with SVDQuant smoothing")
     p.add_argument("--curve-only", action="store_true", help="train and write the loss log only")
     p.add_argument("--out", help="checkpoints and the loss log")
     p.add_argument("--json")
@@ -57,7 +60,7 @@ def main():
     state = PartialState()
     fp = load_reference("dit").to(state.device)
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "processes": state.num_processes, "steps": args.steps, "lr": args.lr}
+               "processes": state.num_processes, "steps": args.steps, "lr": args.lr, "smooth": args.smooth}
     reference = None
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
@@ -69,7 +72,8 @@ def main():
         print(f"PTQ w4a4-svd: {results['ptq_w4a4_svd']}", flush=True)
     student = copy.deepcopy(fp)
     start = time.perf_counter()
-    log = vqz.train_qat(student, "w4a4-qat", data=trajectories(args.calls, args.batch, args.sample_steps),
+    recipe = replace(get_qat_preset("w4a4-qat"), smooth=True) if args.smooth else "w4a4-qat"
+    log = vqz.train_qat(student, recipe, data=trajectories(args.calls, args.batch, args.sample_steps),
                         steps=args.steps, lr=args.lr, accumulate=args.accumulate, out=args.out)
     results["qat_seconds"] = time.perf_counter() - start
     results["train_seconds"] = log.seconds

@@ -107,6 +107,19 @@ def test_export_at_rank_zero_equals_the_wrapper():
     assert torch.equal(exported(x), layer(x))
 
 
+def test_smoothed_wrapper_divides_the_input_and_exports_the_same_function():
+    linear = _linear()
+    lam = torch.rand(64) + 0.5
+    layer = QATLinear(linear, W4, None, rank=48, smooth=lam)
+    x = torch.randn(5, 64)
+    assert torch.allclose(layer(x), linear(x), atol=1e-4)  # full rank: W diag(λ) (x / λ) = W x
+    quantized = QATLinear(linear, W4, A4, rank=4, smooth=lam)
+    quantized.refactor(0)
+    quantized.set_fade(0, 0, 1.0)
+    exported = quantized.to_quant_linear()
+    assert torch.equal(exported.smooth, lam) and torch.equal(exported(x), quantized(x))
+
+
 def test_spike_clipping_and_moment_reset():
     p = nn.Parameter(torch.zeros(4))
     opt = torch.optim.AdamW([p])
@@ -163,6 +176,18 @@ def test_trained_model_is_plain_quantized_and_closer_than_its_start(tiny_dit, tm
     loaded = vqz.load(build(), tmp_path / "q")
     for x in data:
         assert torch.equal(_out(loaded, x), _out(model, x))
+
+
+def test_smoothed_recipe_trains_and_round_trips(tiny_dit, tmp_path):
+    build, data = tiny_dit
+    model = build()
+    vqz.train_qat(model, replace(_recipe(), smooth=True), data=data, steps=12, lr=1e-4, decay_every=2)
+    layer = model.transformer_blocks[0].attn1.to_q
+    assert isinstance(layer, QuantLinear) and layer.smooth is not None
+    assert not torch.equal(layer.smooth, torch.ones_like(layer.smooth))
+    vqz.save(model, tmp_path / "q")
+    loaded = vqz.load(build(), tmp_path / "q")
+    assert torch.equal(_out(loaded, data[0]), _out(model, data[0]))
 
 
 def test_frozen_parameters_stay_frozen_and_untouched(tiny_dit):

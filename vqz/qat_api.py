@@ -3,8 +3,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
+from .algorithms.svd import svd_quantize
 from .api import STATE_ATTR, QuantState, resolve_target
 from .calib import as_forward_loop
+from .calib.sources import device_of, to_device
+from .calib.stats import collect_input_stats
 from .config import QuantConfig, get_qat_preset
 from .nn.timestep import bucket_edges
 from .patch import Plan, Skipped, Transaction, architecture_fingerprint, plan_layers
@@ -43,19 +48,20 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
     teacher_model = None if teacher is None else _same_architecture(resolve_target(teacher), target,
                                                                     fingerprint)
     plan = _linear_plan(target, cfg)
-    records = record_calls(target, as_forward_loop(data, obj, target))
-    if teacher_model is not None:
-        relabel(records, teacher_model)
-    edges = _edges(records, cfg)
     identity = {"preset": cfg.name, "config": cfg.to_dict(), "schedule": schedule.to_dict(),
                 "fingerprint": fingerprint}
     trainable = {p: p.requires_grad for p in target.parameters()}
     tx = Transaction(target)
     try:
-        wrap(target, plan, edges, tx)
         # Distillation compares student and teacher at the same inputs: no dropout, no label
         # dropping for guidance (diffusers drops class labels in training mode).
         target.eval()
+        records = record_calls(target, as_forward_loop(data, obj, target))
+        if teacher_model is not None:
+            relabel(records, teacher_model.eval())
+        edges = _edges(records, cfg)
+        smooth = _smoothing(target, plan, records, cfg) if cfg.smooth else {}
+        wrap(target, plan, edges, smooth, tx)
         log = train(target, records, opts, identity)
         unwrap(target, tx)
         tx.restore_modes()
@@ -76,10 +82,10 @@ def _check_config(cfg: QuantConfig) -> None:
     if cfg.weight is None or not cfg.weight.learnable or (cfg.act is not None and not cfg.act.learnable):
         raise ValueError(f"config {cfg.name!r} is not a QAT recipe: its weight (and activation) specs "
                          f"need learnable=True; use a QAT preset such as 'w4a4-qat'")
-    if cfg.smooth or cfg.gptq or cfg.attn is not None or cfg.polish or cfg.compensate \
-            or cfg.reconstruct or cfg.repq:
-        raise ValueError("QAT trains Linear layers only, without smoothing, GPTQ, attention "
-                         "quantizers or QuartDepth/RepQ steps; drop those fields from the config")
+    if cfg.gptq or cfg.attn is not None or cfg.polish or cfg.compensate or cfg.reconstruct \
+            or cfg.repq:
+        raise ValueError("QAT trains Linear layers only, without GPTQ, attention quantizers or "
+                         "QuartDepth/RepQ steps; drop those fields from the config")
 
 
 def _same_architecture(teacher, target, fingerprint: str):
@@ -101,6 +107,27 @@ def _linear_plan(target, cfg: QuantConfig) -> Plan:
     if not plan.layers:
         raise ValueError(f"no Linear layer of {type(target).__name__} was selected for QAT")
     return plan
+
+
+def _smoothing(target, plan: Plan, records, cfg: QuantConfig, calls: int = 64) -> dict:
+    """λ per layer as SVDQuant chooses it (α searched with the starting branch in the loop), from
+    the layers' inputs over the first `calls` recorded denoiser calls."""
+    device = device_of(target)
+
+    def loop():
+        for r in records[:calls]:
+            target(*to_device(r.args, device), **to_device(r.kwargs, device))
+
+    with torch.no_grad():
+        stats = collect_input_stats(target, [p.name for p in plan.layers], loop)
+    smooth = {}
+    for p in plan.layers:
+        weight = target.get_submodule(p.name).weight
+        result = svd_quantize(weight, rank=p.rank, weight_spec=p.weight, act_spec=p.act,
+                              x_absmax=stats[p.name].absmax, x_sample=stats[p.name].sample,
+                              alpha=cfg.alpha)
+        smooth[p.name] = result.smooth
+    return smooth
 
 
 def _edges(records, cfg: QuantConfig):

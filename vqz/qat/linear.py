@@ -1,4 +1,5 @@
-"""QATLinear: y = Qa(x) (Q(W) + L diag(fade) R)ᵀ + b, the QVGen training wrapper of a Linear layer."""
+"""QATLinear: y = Qa(x / λ) (Q(W diag(λ)) + L diag(fade) R)ᵀ + b, the QVGen training wrapper of a
+Linear layer (λ: optional SVDQuant-style smoothing, fixed during training)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -9,6 +10,7 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..nn.linear import QuantLinear
+from ..nn.smoothing import smooth_input
 from ..nn.timestep import make_act_quantizer
 from ..nn.weight import QuantWeight
 from ..quantizer import Quantizer
@@ -17,8 +19,9 @@ from ..quantizer import Quantizer
 class QATLinear(nn.Module):
     """A Linear layer under quantization-aware training.
 
-    `weight` [N, K]: the trained full-precision weight, fake-quantized by `weight_quantizer` (LSQ+:
-    learnable scales, initialised by the spec's observer). `act_quantizer`: the input's quantizer
+    `weight` [N, K]: the trained full-precision weight (smoothed: W diag(λ)), fake-quantized by
+    `weight_quantizer` (LSQ+: learnable scales, initialised by the spec's observer). `smooth` [K]
+    (buffer, float32, or None): the per-input-channel divisor λ of the input. `act_quantizer`: the input's quantizer
     (a learnable dynamic spec learns clip ratios, per timestep range with `act_buckets` > 1).
     `lora_down` [K, r], `lora_up` [r, N]: the auxiliary branch on the quantized input, initialised
     from the SVD of (W - Q(W))ᵀ; `fade` [r] (buffer) multiplies its directions (1 kept, u fading,
@@ -26,11 +29,13 @@ class QATLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None,
-                 rank: int, act_buckets: int = 0):
+                 rank: int, act_buckets: int = 0, smooth: torch.Tensor | None = None):
         super().__init__()
         if not weight_spec.learnable or (act_spec is not None and not act_spec.learnable):
             raise ValueError("QAT needs learnable weight and activation specs (learnable=True)")
         w = linear.weight.detach()
+        if smooth is not None:
+            w = (w.float() * smooth.float()).to(w.dtype)
         n, k = w.shape
         if not 0 <= rank <= min(n, k):
             raise ValueError(f"rank {rank} does not fit a {n}x{k} weight")
@@ -45,6 +50,7 @@ class QATLinear(nn.Module):
         root = s[:rank].sqrt()
         self.lora_down = nn.Parameter((u[:, :rank] * root).to(w.dtype))
         self.lora_up = nn.Parameter((root[:, None] * vh[:rank]).to(w.dtype))
+        self.register_buffer("smooth", None if smooth is None else smooth.float().to(w.device))
         self.register_buffer("fade", torch.ones(rank, device=w.device))
         self.register_buffer("phase", torch.tensor(-1, device=w.device))
 
@@ -56,6 +62,7 @@ class QATLinear(nn.Module):
         return [] if self.act_quantizer is None else [self.act_quantizer]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = smooth_input(x, self.smooth)
         xq = x if self.act_quantizer is None else self.act_quantizer(x)
         w = self.weight_quantizer(self.weight)
         y = F.linear(xq, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -92,7 +99,9 @@ class QATLinear(nn.Module):
         layer = QuantLinear(self.in_features, self.out_features, self.bias is not None,
                             weight_spec=spec, act_spec=None if self.act_quantizer is None else
                             self.act_quantizer.spec, act_buckets=self.act_buckets,
-                            device=w.device, dtype=w.dtype)
+                            smooth=self.smooth is not None, device=w.device, dtype=w.dtype)
+        if self.smooth is not None:
+            layer.smooth.copy_(self.smooth)
         layer.qweight = QuantWeight.from_quantized(self.weight_quantizer.quantize(w.float()), spec)
         if self.act_quantizer is not None:
             layer.act_quantizer.load_state_dict(self.act_quantizer.state_dict())

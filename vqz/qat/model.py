@@ -12,14 +12,15 @@ from .linear import QATLinear
 from .schedule import RankSchedule
 
 
-def wrap(target: nn.Module, plan: Plan, edges, tx: Transaction) -> dict[str, QATLinear]:
-    """Replace every Linear layer of `plan` by a QATLinear. Timestep ranges (`edges`, see
-    bucket_edges) are needed when the plan's layers have act buckets."""
+def wrap(target: nn.Module, plan: Plan, edges, smooth: dict, tx: Transaction) -> dict[str, QATLinear]:
+    """Replace every Linear layer of `plan` by a QATLinear, smoothed by `smooth` {name: λ [K]}
+    where given. Timestep ranges (`edges`, see bucket_edges) are needed when the plan's layers
+    have act buckets."""
     paths = module_paths(target)
     layers = {}
     for p in plan.layers:
         original = target.get_submodule(p.name)
-        new = QATLinear(original, p.weight, p.act, p.rank, p.buckets)
+        new = QATLinear(original, p.weight, p.act, p.rank, p.buckets, smooth.get(p.name))
         for path in paths[id(original)]:
             tx.swap(path, new)
         layers[p.name] = new

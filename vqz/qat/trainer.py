@@ -88,6 +88,7 @@ def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity:
                              f"train without gradient_checkpointing")
         model.enable_gradient_checkpointing()
     optimizer = _optimizer(model, opts)
+    home = next(model.parameters()).device
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     branch = [p for layer in qat_layers(inner).values() for p in (layer.lora_down, layer.lora_up)]
@@ -131,6 +132,8 @@ def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity:
         if accelerator.is_main_process:
             _write_log(Path(opts.out), log, accelerator.num_processes)
     accelerator.wait_for_everyone()
+    # back to a plain module where it was: no autocast wrapper left on forward
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False).to(home)
     accelerator.free_memory()
     return log
 

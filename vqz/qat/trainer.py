@@ -78,10 +78,13 @@ class TrainLog:
 def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity: dict) -> TrainLog:
     """Train the QAT wrappers of `model` (every other parameter stays frozen) to reproduce the
     records' targets. `identity` (JSON) describes the run; a resumed checkpoint must match it."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     mixed = opts.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=opts.accumulate)
+    # a step trains the clip ratios of one timestep range only: the others get no gradient
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=opts.accumulate,
+                              kwargs_handlers=[ddp])
     if opts.gradient_checkpointing:
         if not hasattr(model, "enable_gradient_checkpointing"):
             raise ValueError(f"{type(model).__name__} has no enable_gradient_checkpointing(); "

@@ -120,3 +120,21 @@ def test_quantize_and_generate_with_a_local_pipeline(tiny_pipeline_dir, tmp_path
     assert result.returncode == 1 and "video option" in result.stderr
     result = run_cli("generate", "--prompt", "x", "--out", str(tmp_path / "x.png"))
     assert result.returncode == 1 and "exactly one of --preset" in result.stderr
+
+
+def test_qat_trains_a_local_pipeline_whose_result_generates(tiny_pipeline_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red bicycle\na quiet lake at dawn\n")
+    out = tmp_path / "qat"
+    cpu = ["--dtype", "fp32", "--device", "cpu"]
+    result = run_cli("qat", "--model", str(tiny_pipeline_dir), "--preset", "w4a4", "--steps", "12",
+                     "--out", str(out))
+    assert result.returncode == 1 and "unknown QAT preset 'w4a4'" in result.stderr
+    result = run_cli("qat", "--model", str(tiny_pipeline_dir), "--preset", "w4a4-qat", "--steps", "12",
+                     "--prompts", str(prompts), "--inference-steps", "4", "--out", str(out), *cpu)
+    assert result.returncode == 0, result.stderr
+    assert len((out / "training" / "train_log.csv").read_text().splitlines()) == 1 + 12
+    result = run_cli("generate", "--quantized", str(out), "--prompt", "a cat", "--steps", "2",
+                     "--out", str(tmp_path / "cat.png"), *cpu)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cat.png").is_file()

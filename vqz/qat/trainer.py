@@ -77,26 +77,49 @@ class TrainLog:
 
 def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity: dict) -> TrainLog:
     """Train the QAT wrappers of `model` (every other parameter stays frozen) to reproduce the
-    records' targets. `identity` (JSON) describes the run; a resumed checkpoint must match it."""
+    records' targets. `identity` (JSON) describes the run; a resumed checkpoint must match it.
+    Afterwards (or on failure) `model` is a plain module again, on the device it came on."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
+    start = _resume_step(opts.resume, identity) if opts.resume else 0
     mixed = opts.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
     # a step trains the clip ratios of one timestep range only: the others get no gradient
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=opts.accumulate,
                               kwargs_handlers=[ddp])
-    if opts.gradient_checkpointing:
-        if not hasattr(model, "enable_gradient_checkpointing"):
-            raise ValueError(f"{type(model).__name__} has no enable_gradient_checkpointing(); "
-                             f"train without gradient_checkpointing")
-        model.enable_gradient_checkpointing()
+    checkpointing = opts.gradient_checkpointing
+    if checkpointing and not hasattr(model, "enable_gradient_checkpointing"):
+        raise ValueError(f"{type(model).__name__} has no enable_gradient_checkpointing(); "
+                         f"train without gradient_checkpointing")
     optimizer = _optimizer(model, opts)
     home = next(model.parameters()).device
-    model, optimizer = accelerator.prepare(model, optimizer)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    try:
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        if opts.resume:
+            accelerator.load_state(str(opts.resume))
+        log = _loop(accelerator, prepared, optimizer, records, opts, identity, start)
+        if opts.out:
+            save_checkpoint(accelerator, Path(opts.out) / f"checkpoint-{opts.steps}", opts.steps,
+                            identity)
+            if accelerator.is_main_process:
+                _write_log(Path(opts.out), log, accelerator.num_processes)
+        accelerator.wait_for_everyone()
+    finally:
+        # back to a plain module where it was: no autocast wrapper left on forward
+        accelerator.unwrap_model(prepared, keep_fp32_wrapper=False).to(home)
+        if checkpointing:
+            model.disable_gradient_checkpointing()
+        accelerator.free_memory()
+    return log
+
+
+def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: dict,
+          start: int) -> TrainLog:
     inner = accelerator.unwrap_model(model)
     branch = [p for layer in qat_layers(inner).values() for p in (layer.lora_down, layer.lora_up)]
     fsdp = accelerator.distributed_type.name == "FSDP"
-    start = _resume(accelerator, opts.resume, identity) if opts.resume else 0
     order = _Order(len(records), accelerator.num_processes, accelerator.process_index, opts.seed)
     losses, ranks, samples = [], [], 0
     began = time.perf_counter()
@@ -128,17 +151,7 @@ def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity:
         if opts.out and opts.checkpoint_every and (step + 1) % opts.checkpoint_every == 0:
             save_checkpoint(accelerator, Path(opts.out) / f"checkpoint-{step + 1}", step + 1, identity)
     apply_schedule(inner, opts.schedule, opts.steps)
-    seconds = time.perf_counter() - began
-    log = TrainLog(start, losses, ranks, seconds, samples)
-    if opts.out:
-        save_checkpoint(accelerator, Path(opts.out) / f"checkpoint-{opts.steps}", opts.steps, identity)
-        if accelerator.is_main_process:
-            _write_log(Path(opts.out), log, accelerator.num_processes)
-    accelerator.wait_for_everyone()
-    # back to a plain module where it was: no autocast wrapper left on forward
-    accelerator.unwrap_model(model, keep_fp32_wrapper=False).to(home)
-    accelerator.free_memory()
-    return log
+    return TrainLog(start, losses, ranks, time.perf_counter() - began, samples)
 
 
 def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
@@ -208,7 +221,8 @@ def save_checkpoint(accelerator, folder: Path, step: int, identity: dict) -> Non
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator, folder, identity: dict) -> int:
+def _resume_step(folder, identity: dict) -> int:
+    """The step a checkpoint folder continues from, once its run's identity is checked."""
     folder = Path(folder)
     state_file = folder / STATE_FILE
     if not state_file.is_file():
@@ -220,7 +234,6 @@ def _resume(accelerator, folder, identity: dict) -> int:
         raise ValueError(f"the checkpoint {folder} was written by another run (preset "
                          f"{saved.get('preset')!r}): its {', '.join(different)} differ from this "
                          f"run's; resume with the same model, preset and schedule, or start afresh")
-    accelerator.load_state(str(folder))
     return int(saved["step"])
 
 

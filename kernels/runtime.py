@@ -26,7 +26,8 @@ from .dispatch import register_linear_kernel
 LAYOUTS = ("speed", "memory")
 DEFAULT_LAYOUT = "speed"
 W4A16_MAX_TOKENS = 64
-_MAX_RANK = 256
+MAX_RANK = 256  # widest low-rank branch the fused int8 kernels take; a wider one runs the reference
+RANK_MULTIPLE = 16  # the MMA's minimum: the kernels zero-pad a branch to a multiple of it
 
 
 def _is_int(spec, max_bits=8) -> bool:
@@ -43,8 +44,9 @@ def _weight_as_int8(spec) -> bool:
 
 
 def _act_mode(spec) -> str | None:
-    """The activation kernel that reproduces this dynamic activation spec, if any."""
-    if spec is None or not spec.dynamic:
+    """The activation kernel that reproduces this dynamic activation spec, if any (none takes a
+    learned clip ratio yet)."""
+    if spec is None or not spec.dynamic or spec.learnable:
         return None
     if spec.granularity == "token" and spec.format == "int8":
         return "int8" if spec.symmetric else "int8-asym"
@@ -60,13 +62,14 @@ def _act_mode(spec) -> str | None:
 def kernel_kind(layer) -> str | None:
     """"int8", "fp8", "w4a16" or None (reference only) for a QuantLinear's specs."""
     w, a = layer.weight_spec, layer.act_spec
-    if w is None or (layer.rank and layer.rank > _MAX_RANK):
+    if w is None or (layer.rank and layer.rank > MAX_RANK):
         return None
     mode = _act_mode(a)
     if mode in ("int8", "int8-asym", "group") and _weight_as_int8(w):
         return "int8"
+    # the fp8 path has no low-rank branch (a LoRA gives one to fp8 layers)
     if mode == "e4m3" and isinstance(w.fmt, FPFormat) and w.format == "e4m3" \
-            and w.granularity == "channel" and w.axis == 0:
+            and w.granularity == "channel" and w.axis == 0 and not layer.rank:
         return "fp8"
     if a is None and w.granularity == "group" and w.symmetric and _is_int(w, 4) \
             and not w.int_group_scales and w.group_size % 32 == 0 and not layer.rank \
@@ -85,8 +88,8 @@ def _set(layer, name: str, value: torch.Tensor | None) -> None:
 
 
 def _padded_rank(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """The low-rank factor with its rank padded with zeros to a multiple of 16 (the MMA's minimum)."""
-    pad = -t.shape[dim] % 16
+    """The low-rank factor with its rank padded with zeros to a multiple of RANK_MULTIPLE."""
+    pad = -t.shape[dim] % RANK_MULTIPLE
     if not pad:
         return t.contiguous()
     return F.pad(t, (0, pad) if dim == 1 else (0, 0, 0, pad)).contiguous()

@@ -5,6 +5,7 @@ through the custom ops against QuantLinear's pure-torch reference, and torch.com
 so without a GPU these tests still check the layout building and the op sequence; with one they
 check the Triton kernels inside real layers.
 """
+import copy
 from dataclasses import replace
 
 import pytest
@@ -74,11 +75,14 @@ def test_speed_and_memory_layouts_give_identical_results(mlp, name):
 def test_kernel_kind_per_preset(mlp):
     kinds = {}
     for name in ["w4a4-svd", "w8a8", "fp8", "w4a16", "w8a8-static", "nvfp4-svd"]:
-        layer = _layers(_quantized(__import__("copy").deepcopy(mlp), name))[0]
+        layer = _layers(_quantized(copy.deepcopy(mlp), name))[0]
         kinds[name] = kernel_kind(layer)
+    learned_clip = get_preset("w8a8").with_overrides(
+        act=replace(get_preset("w8a8").act, learnable=True))  # a QAT export: no kernel knows the clip
+    kinds["learned clip"] = kernel_kind(_layers(_quantized(copy.deepcopy(mlp), learned_clip))[0])
     kinds["two-level"] = kernel_kind(_layers(_quantized(mlp, CONFIGS["w4a4-svd two-level"]))[0])
     assert kinds == {"w4a4-svd": None, "w8a8": "int8", "fp8": "fp8", "w4a16": "w4a16",
-                     "w8a8-static": None, "nvfp4-svd": None, "two-level": "int8"}
+                     "w8a8-static": None, "nvfp4-svd": None, "learned clip": None, "two-level": "int8"}
 
 
 def test_unknown_layout_is_refused(mlp):

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from .algorithms.build import empty_layer
 from .api import STATE_ATTR, QuantState, quant_state, resolve_target
 from .config import QuantConfig
+from .lora import check_saveable
 from .nn.timestep import attach_timestep_state, detach_timestep_state, use_timestep_state
 from .patch import LayerPlan, Plan, Skipped, Transaction, architecture_fingerprint, module_paths
 
@@ -31,6 +32,7 @@ def save(obj, path) -> Path:
     """Write the quantized state of `obj` to `path` (a .safetensors file, or a directory that gets
     model.safetensors). Returns the file written."""
     state = quant_state(obj)
+    check_saveable(obj)
     target = resolve_target(obj)
     file = _file(path)
     file.parent.mkdir(parents=True, exist_ok=True)

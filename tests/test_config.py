@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import vqz
 from vqz.config import PRESET_DESCRIPTIONS, QuantConfig, get_preset
@@ -45,3 +46,14 @@ def test_config_errors():
         QuantConfig.from_dict({"wieght": None})
     with pytest.raises(ValueError, match="fixed block size"):
         get_preset("nvfp4-svd").with_overrides(group_size=64)
+
+
+def test_rule_smoothing_reaches_only_the_layers_it_selects():
+    from vqz.patch import plan_layers
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    cfg = QuantConfig(rules=[vqz.LayerRule("1", smooth=True)])
+    assert [p.smooth for p in plan_layers(model, cfg).layers] == [False, True]
+    cfg = QuantConfig(smooth=True, rules=[vqz.LayerRule("0", smooth=False)])
+    assert [p.smooth for p in plan_layers(model, cfg).layers] == [False, True]
+    assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -145,7 +145,8 @@ class LayerRule:
     skip: True keeps the selected layers in full precision, False quantizes them even where an
         earlier rule (a family adapter's default exclusion, say) skipped them; None changes nothing.
     weight/act: replacement specs (act=None with `no_act=True` keeps activations in full precision).
-    rank: low-rank branch rank for these layers.
+    rank: low-rank branch rank for these layers. smooth: per-input-channel smoothing on (True) or
+    off (False) for these Linear layers; None keeps the config's.
     """
 
     pattern: str = "*"
@@ -155,6 +156,7 @@ class LayerRule:
     act: QuantSpec | None = None
     no_act: bool = False
     rank: int | None = None
+    smooth: bool | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "types", tuple(self.types))
@@ -327,13 +329,15 @@ def _vit(bits: int) -> QuantConfig:
     integer ViT kernels consume, and the RepQ post-LayerNorm reparameterization targets them);
     asymmetric for Linear inputs (post-GELU fc2 inputs are one-sided), symmetric for q, k, v.
     The softmax scale is MSE-searched below the calibrated max: log codes are only ±19% apart, and
-    shifting the grid onto where the probabilities lie gained ~8 dB on a small ViT over min-max."""
+    shifting the grid onto where the probabilities lie gained ~8 dB on a small ViT over min-max.
+    At 4 bits the post-GELU fc2 input gets per-channel ranges, folded into fc2's weight columns
+    (smoothing, α searched): on the reference ViT its per-tensor quantization alone cost 3 points."""
     return QuantConfig(
         f"vit-w{bits}a{bits}", _int_w(bits, observer="mse" if bits < 8 else "minmax"),
         QuantSpec(f"int{bits}", "tensor", symmetric=False, observer="mse" if bits < 8 else "minmax"),
         attn=AttnSpec(QuantSpec(f"int{bits}", "tensor", observer="minmax"),
                       QuantSpec(f"logsqrt2:{bits}", "tensor", observer="mse")),
-        repq=True)
+        repq=True, rules=(LayerRule("*mlp.fc2", smooth=True),) if bits <= 4 else ())
 
 
 def _depth(w_bits: int, a_bits: int, reconstruct: int) -> QuantConfig:
@@ -407,8 +411,9 @@ PRESET_DESCRIPTIONS = {
                 "INT8 q/k/v and log-sqrt2 8-bit softmax in attention",
     "vit-w6a6": "timm ViT: INT6 weights per output channel (MSE), INT6 static per-tensor activations, "
                 "INT6 q/k/v and log-sqrt2 6-bit softmax in attention",
-    "vit-w4a4": "timm ViT: INT4 weights per output channel (MSE), INT4 static per-tensor activations, "
-                "INT4 q/k/v and log-sqrt2 4-bit softmax in attention",
+    "vit-w4a4": "timm ViT: INT4 weights per output channel (MSE), INT4 static per-tensor activations "
+                "(fc2's post-GELU input per channel, folded into fc2), INT4 q/k/v and log-sqrt2 "
+                "4-bit softmax in attention",
     "depth-w8a8": "depth: INT8 weights per output channel, INT8 static per-tensor polished (log-domain) "
                   "activations, compensated weights",
     "depth-w4a8": "depth: INT4 weights per output channel (MSE), INT8 polished activations, compensated "

@@ -144,11 +144,14 @@ def _inside_planned(name: str, plan: Plan) -> bool:
 def _apply_rules(name: str, kind: str, cfg: QuantConfig, rules: tuple[LayerRule, ...]):
     """The layer's recipe as a dict of LayerPlan fields, or the reason it stays in full precision."""
     weight, act, rank, skip, rank_from_rule = cfg.weight, cfg.act, cfg.rank, None, False
+    smooth = cfg.smooth
     for rule in rules:
         if not rule.matches(name, kind):
             continue
         if rule.skip is not None:
             skip = rule.skip
+        if rule.smooth is not None:
+            smooth = rule.smooth
         weight = rule.weight or weight
         act = None if rule.no_act else (rule.act or act)
         if rule.rank is not None:
@@ -166,7 +169,7 @@ def _apply_rules(name: str, kind: str, cfg: QuantConfig, rules: tuple[LayerRule,
         if weight is None:
             return "activation-only configs quantize Linear layers only"
         return {"weight": weight, "act": act, "buckets": buckets, "rank_from_rule": False}
-    return {"weight": weight, "act": act, "rank": rank, "smooth": cfg.smooth, "buckets": buckets,
+    return {"weight": weight, "act": act, "rank": rank, "smooth": smooth, "buckets": buckets,
             "polish": cfg.polish and act is not None, "rank_from_rule": rank_from_rule}
 
 

@@ -49,16 +49,21 @@ def _forward_signature(cls) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
+def timestep_arg(module: nn.Module, args: tuple, kwargs: dict):
+    """The `timestep` argument of one call of `module` (a forward pre-hook's view of it) as given
+    (a tensor or a number), or None when its forward has no `timestep` argument."""
+    if "timestep" in kwargs:
+        return kwargs["timestep"]
+    signature = _forward_signature(type(module))
+    if "timestep" not in signature.parameters:
+        return None
+    return signature.bind_partial(module, *args, **kwargs).arguments.get("timestep")
+
+
 def timestep_of(module: nn.Module, args: tuple, kwargs: dict) -> float | None:
     """The timestep of one call of `module` (a forward pre-hook's view of it) as a float, or None
     when its forward has no `timestep` argument (see TimestepTracker for the conventions)."""
-    if "timestep" in kwargs:
-        t = kwargs["timestep"]
-    else:
-        signature = _forward_signature(type(module))
-        if "timestep" not in signature.parameters:
-            return None
-        t = signature.bind_partial(module, *args, **kwargs).arguments.get("timestep")
+    t = timestep_arg(module, args, kwargs)
     if t is None:
         return None
     if isinstance(t, torch.Tensor):

@@ -138,3 +138,23 @@ def test_qat_trains_a_local_pipeline_whose_result_generates(tiny_pipeline_dir, t
                      "--out", str(tmp_path / "cat.png"), *cpu)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cat.png").is_file()
+
+
+def test_eval_pipeline_renders_both_sets_and_reports(tiny_pipeline_dir, tmp_path):
+    import json
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("")
+    out = tmp_path / "eval"
+    common = ["--model", str(tiny_pipeline_dir), "--preset", "w4a4", "--prompts", str(prompts),
+              "--n", "3", "--out", str(out), "--steps", "2", "--dtype", "fp32", "--device", "cpu"]
+    result = run_cli("eval", "pipeline", *common)
+    assert result.returncode == 1 and "holds no prompts" in result.stderr
+    prompts.write_text("a red bicycle\na quiet lake at dawn\n")
+    result = run_cli("eval", "pipeline", *common)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (out / "reference").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["count"] == 3
+    assert 5 < metrics["metrics"]["psnr"]["value"] < 60  # quantized, so not identical
+    assert "psnr" in (out / "report.html").read_text().lower()

@@ -105,7 +105,8 @@ def test_compile_fullgraph_traces_quantized_model(mlp):
 @pytest.mark.parametrize("name", CONFIGS)
 @torch.no_grad()
 def test_cuda_forward_dispatches_to_kernels_and_matches_reference(mlp, name):
-    model = _quantized(mlp, CONFIGS[name]).to(torch.bfloat16)
+    calib = [torch.randn(16, 128, dtype=torch.bfloat16) for _ in range(2)]
+    model = vqz.quantize(mlp.to(torch.bfloat16), CONFIGS[name], calib=calib).to(DEVICE)
     x = torch.randn(333, 128, device=DEVICE, dtype=torch.bfloat16)
     layer = _layers(model)[0]
     y = layer(x)

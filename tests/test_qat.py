@@ -1,5 +1,4 @@
 """Rank-decaying QAT: the schedule, the wrapper, export, the trainer and its checkpoints."""
-import copy
 import math
 from dataclasses import replace
 

@@ -12,3 +12,5 @@ from .qat_api import train_qat
 
 __version__ = "0.1.0"
 __all__ = ["quantize", "train_qat", "summary", "save", "load", "presets", "QuantConfig", "QuantSpec", "LayerRule"]
+
+from . import integrations  # noqa: E402,F401  (registers the "vqz" diffusers backend once diffusers loads)

@@ -18,6 +18,7 @@ from .config import (FAMILY_DESCRIPTIONS, FAMILY_PRESETS, QuantConfig, preset_fa
                      resolve_config)
 from .nn.timestep import (attach_timestep_state, bucket_edges, detach_timestep_state,
                           use_timestep_state)
+from .guard import guard_dtype
 from .patch import Plan, Transaction, architecture_fingerprint, module_paths, plan_layers
 from .nn import attention_wrapper
 from .pipelines import adapter_for
@@ -128,6 +129,7 @@ def quantize(obj, config="w4a4-svd", *, calib=None, **overrides):
         reconstruct_blocks(target, block_io, built, weights, cfg.reconstruct)
         tx.restore_modes()
         setattr(target, STATE_ATTR, state)
+        guard_dtype(target)
     except BaseException:
         tx.rollback()
         raise

@@ -47,23 +47,30 @@ def _quantized_pipeline(args):
     needs data, quantize its denoiser."""
     import torch
 
-    import vqz
-    from .calib.pipeline import pipeline_forward_loop
-    from .calib.prompts import default_prompts, read_prompts
-    from .config import get_preset
     from .pipelines.loading import load_pipeline
 
     if getattr(args, "checkpoint", None):
         raise ValueError("--checkpoint is for timm models; a pipeline folder holds its weights")
     pipe, source = load_pipeline(args.model, getattr(torch, DTYPES[args.dtype]))
     pipe.to(args.device)
+    _quantize_pipe(pipe, args)
+    return pipe, source
+
+
+def _quantize_pipe(pipe, args) -> None:
+    """Quantize a loaded pipeline's denoiser with --preset, calibrating on prompts (the --calib
+    file or vqz's own list) when the preset needs data."""
+    import vqz
+    from .calib.pipeline import pipeline_forward_loop
+    from .calib.prompts import default_prompts, read_prompts
+    from .config import get_preset
+
     calib = None
     if get_preset(args.preset).needs_calibration or args.calib:
         prompts = read_prompts(args.calib) if args.calib else default_prompts()
         calib = pipeline_forward_loop(pipe, prompts, num_inference_steps=args.steps,
                                       max_prompts=args.calib_count)
     vqz.quantize(pipe, args.preset, calib=calib)
-    return pipe, source
 
 
 def _generate(args) -> int:
@@ -93,34 +100,18 @@ def _generate(args) -> int:
 
 def _run_pipeline(pipe, args) -> Path:
     """One generation; a PNG for images, an animated GIF for videos (frames)."""
-    import inspect
+    from .eval.generation import generate
 
-    import torch
-
-    options = {"num_inference_steps": args.steps, "guidance_scale": args.guidance,
-               "height": args.height, "width": args.width, "num_frames": args.frames}
-    accepted = inspect.signature(type(pipe).__call__).parameters
-    if args.frames is not None and "num_frames" not in accepted:
-        raise ValueError(f"--frames is a video option; {type(pipe).__name__} makes images")
-    options = {k: v for k, v in options.items() if v is not None and k in accepted}
-    output = pipe(prompt=args.prompt, generator=torch.Generator().manual_seed(args.seed), **options)
+    images, video = generate(pipe, args.prompt, args.seed, steps=args.steps, guidance=args.guidance,
+                             height=args.height, width=args.width, frames=args.frames)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if hasattr(output, "frames"):
-        frames = output.frames[0]
-        frames = [f if hasattr(f, "save") else _to_pil(f) for f in frames]
-        frames[0].save(out.with_suffix(".gif"), save_all=True, append_images=frames[1:], duration=125,
-                       loop=0)
+    if video:
+        images[0].save(out.with_suffix(".gif"), save_all=True, append_images=images[1:],
+                       duration=125, loop=0)
         return out.with_suffix(".gif")
-    output.images[0].save(out)
+    images[0].save(out)
     return out
-
-
-def _to_pil(frame):
-    import numpy as np
-    from PIL import Image
-
-    return Image.fromarray((np.asarray(frame) * 255).round().clip(0, 255).astype("uint8"))
 
 
 def _demo(args) -> int:
@@ -202,6 +193,55 @@ def _eval_images(args) -> int:
     return 0
 
 
+def _eval_pipeline(args) -> int:
+    import torch
+    from accelerate import PartialState
+
+    from .calib.prompts import read_prompts
+    from .config import check_preset_name
+    from .eval.pipeline_eval import evaluate_pipeline
+    from .eval.report import format_table
+    from .pipelines.loading import load_pipeline
+
+    check_preset_name(args.preset)
+    prompts = read_prompts(args.prompts)  # an empty file fails here, before the model loads
+    state = PartialState()
+    device = state.device if args.device == "cuda" else args.device  # one GPU per process
+    pipe, _ = load_pipeline(args.model, getattr(torch, DTYPES[args.dtype]))
+    pipe.to(device)
+    result = evaluate_pipeline(pipe, lambda p: _quantize_pipe(p, args), prompts, args.n, args.out,
+                               features=args.features, seed=args.seed, device=device,
+                               steps=args.steps, guidance=args.guidance, height=args.height,
+                               width=args.width, frames=args.frames)
+    if result is not None:
+        print(format_table(result))
+        print(f"\nwrote {args.out}/metrics.json and {args.out}/report.html")
+    return 0
+
+
+def _pipeline_eval_parser(group) -> None:
+    from .eval.features import SPECS
+
+    p = group.add_parser("pipeline", help="generate full-precision and quantized images from the "
+                         "same prompts and seeds, compare them and write an HTML report (shards "
+                         "over GPUs under accelerate launch)")
+    p.add_argument("--model", required=True, help="diffusers hub id or pipeline folder")
+    p.add_argument("--preset", required=True, help=f"one of: {', '.join(presets())}")
+    p.add_argument("--prompts", required=True, help="prompts file (.txt, or .tsv with a Prompt column)")
+    p.add_argument("--n", type=int, default=64, help="images per set; image i uses prompt i mod "
+                   "the prompt count and seed --seed + i (default 64)")
+    p.add_argument("--out", default="vqz-eval-pipeline", help="folder for both image sets, "
+                   "metrics.json and report.html")
+    p.add_argument("--features", default="inception", help=f"FID/KID feature network: {SPECS}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int, help="video pipelines: number of frames")
+    _pipeline_options(p, calib_help="calibration prompts file (default: vqz's own prompts)")
+    p.set_defaults(func=_eval_pipeline)
+
+
 def _images_parser(group) -> None:
     from .eval.features import SPECS
 
@@ -244,6 +284,7 @@ def _eval_parser(sub) -> None:
     p.set_defaults(func=_eval_imagenet)
     _depth_parser(group)
     _images_parser(group)
+    _pipeline_eval_parser(group)
 
 
 def _bench_kernels(args) -> int:

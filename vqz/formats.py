@@ -78,6 +78,10 @@ class Format:
 
     def _on(self, attr: str, device: torch.device) -> Tensor:
         """The CPU tensor attribute `attr` on `device` (copied once, then cached)."""
+        if torch.compiler.is_compiling():
+            # A graph guards on the cache's keys, and filling the cache from inside the first
+            # compiled call would fail that guard and recompile: copy in the graph instead.
+            return getattr(self, attr).to(device)
         key = (attr, device)
         if key not in self._device_cache:
             self._device_cache[key] = getattr(self, attr).to(device)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from .algorithms.build import empty_layer
 from .api import STATE_ATTR, QuantState, quant_state, resolve_target
 from .config import QuantConfig
+from .guard import guard_dtype
 from .lora import check_saveable
 from .nn.timestep import attach_timestep_state, detach_timestep_state, use_timestep_state
 from .patch import LayerPlan, Plan, Skipped, Transaction, architecture_fingerprint, module_paths
@@ -111,6 +112,7 @@ def load(obj, path):
         tx.restore_modes()
         setattr(target, STATE_ATTR, QuantState(cfg, plan, fingerprint, type(target).__name__,
                                                 metadata.get("requested_preset")))
+        guard_dtype(target)
     except BaseException:
         tx.rollback()
         raise

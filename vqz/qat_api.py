@@ -11,6 +11,7 @@ from .calib import as_forward_loop
 from .calib.sources import device_of, to_device
 from .calib.stats import collect_input_stats
 from .config import QuantConfig, get_qat_preset
+from .guard import guard_dtype
 from .nn.timestep import bucket_edges
 from .patch import Plan, Skipped, Transaction, architecture_fingerprint, plan_layers
 from .pipelines import adapter_for
@@ -73,6 +74,7 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
             p.requires_grad_(flag)
     setattr(target, STATE_ATTR, QuantState(_exported_config(cfg), _exported_plan(plan), fingerprint,
                                            type(target).__name__))
+    guard_dtype(target)
     return log
 
 

@@ -11,7 +11,7 @@ import bisect
 import torch
 from torch import nn
 
-from ..calib.timestep import timestep_of
+from ..calib.timestep import timestep_arg
 from ..config import QuantSpec
 from ..quantizer import Quantizer
 
@@ -19,22 +19,34 @@ STATE_NAME = "_vqz_timestep"
 
 
 class TimestepState(nn.Module):
-    """The timestep of the denoiser call in progress (`value`), set by a forward pre-hook on the
-    denoiser. While `history` is a list, every timestep seen is appended to it (calibration)."""
+    """The timestep of the denoiser call in progress, set by a forward pre-hook on the denoiser:
+    `tensor` (0-dim float64, on the timestep's device; what compiled graphs read) and `value` (its
+    float). While `history` is a list, every timestep seen is appended to it (calibration)."""
 
     def __init__(self):
         super().__init__()
-        self.value: float | None = None
+        self.tensor: torch.Tensor | None = None
+        self._value: float | None = None
         self.history: list[float] | None = None
 
+    @property
+    def value(self) -> float | None:
+        """The timestep as a float, None outside a denoiser call. Read from `tensor` at the first
+        use in a call: it waits for the device, which a compiled graph cannot do."""
+        if self._value is None and self.tensor is not None:
+            self._value = float(self.tensor)
+        return self._value
+
     def hook(self, module, args, kwargs) -> None:
-        self.value = timestep_of(module, args, kwargs)
+        t = timestep_arg(module, args, kwargs)
+        self.tensor = None if t is None else torch.as_tensor(t, dtype=torch.float64).reshape(-1)[0]
+        self._value = None
         if self.history is not None and self.value is not None:
             self.history.append(self.value)
 
     def clear(self, module, args, output) -> None:
         # Outside a denoiser call no timestep applies: a layer run on its own must not reuse one.
-        self.value = None
+        self.tensor = self._value = None
 
 
 def attach_timestep_state(denoiser: nn.Module) -> TimestepState:
@@ -104,12 +116,14 @@ class BucketedQuantizer(nn.Module):
         self.__dict__["_edge_list"] = self.edges.tolist()
 
     def current(self) -> Quantizer:
-        t = None if self.state is None else self.state.value
-        if t is None:
+        return self.quantizers[bisect.bisect_left(self._edge_list, self._timestep().value)]
+
+    def _timestep(self) -> TimestepState:
+        if self.state is None or self.state.tensor is None:
             raise RuntimeError("this layer has per-timestep activation scales but the denoiser's "
                                "timestep is unknown: run it through the denoiser's forward with a "
                                "timestep argument")
-        return self.quantizers[bisect.bisect_left(self._edge_list, t)]
+        return self.state
 
     @property
     def calibrated(self) -> bool:
@@ -126,6 +140,12 @@ class BucketedQuantizer(nn.Module):
                 raise ValueError(f"timestep range {i} got no calibration data") from e
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # A range picked in Python would make the graph guard on the timestep's value and
+            # recompile at every step: the graph computes every range's output and keeps one.
+            t = self._timestep().tensor.to(self.edges.device).reshape(1)
+            outputs = torch.stack([q(x) for q in self.quantizers])
+            return outputs.index_select(0, torch.searchsorted(self.edges, t))[0]
         return self.current()(x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

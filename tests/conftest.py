@@ -146,6 +146,23 @@ def tiny_denoisers():
     return module
 
 
+def word_tokenizer():
+    """A word-level PreTrainedTokenizerFast built in memory (offline): pad id 0, "</s>" (id 1)
+    appended to every text, "<unk>" (id 2) for words outside its small vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ("a an the of on at in and with boat lake city night red car dog cat tree house blue "
+             "sky over under big small").split()
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<unk>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=512)
+
+
 def build_tiny_wan_pipeline(seed: int = 0):
     """A real diffusers WanPipeline (text-to-video) with random weights, built offline: a 2-layer
     WanTransformer3DModel (tests/tiny_denoisers.py's config: 4 latent channels, patch (1, 2, 2),
@@ -159,8 +176,7 @@ def build_tiny_wan_pipeline(seed: int = 0):
     2x batch as the SD pipelines do). Its own step bar is off. Needs the `regex` package (imported by
     diffusers' Wan pipeline); ftfy is optional."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
@@ -169,17 +185,9 @@ def build_tiny_wan_pipeline(seed: int = 0):
     vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
                            temperal_downsample=[True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
                            scale_factor_temporal=2, scale_factor_spatial=2)
-    words = ("a an the of on at in and with boat lake city night red car dog cat tree house blue "
-             "sky over under big small").split()
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<unk>", *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                        eos_token="</s>", unk_token="<unk>", model_max_length=512)
+    tokenizer = word_tokenizer()
     text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(vocab), d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3,
+        vocab_size=len(tokenizer), d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
         eos_token_id=1, decoder_start_token_id=0))
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
@@ -199,3 +207,24 @@ def tiny_wan_pipe():
     pytest.importorskip("transformers")
     pytest.importorskip("regex")
     return build_tiny_wan_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A folder holding a randomly initialised transformers CLIPModel (32x32 images, patch 8,
+    width 32) and the word-level tokenizer, loadable with from_pretrained offline."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    tokenizer = word_tokenizer()
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 48,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16,
+                     "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32,
+                       "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4},
+        projection_dim=16)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    transformers.CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -140,14 +140,15 @@ def test_qat_trains_a_local_pipeline_whose_result_generates(tiny_pipeline_dir, t
     assert (tmp_path / "cat.png").is_file()
 
 
-def test_eval_pipeline_renders_both_sets_and_reports(tiny_pipeline_dir, tmp_path):
+def test_eval_pipeline_renders_both_sets_and_reports(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
     import json
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("")
     out = tmp_path / "eval"
     common = ["--model", str(tiny_pipeline_dir), "--preset", "w4a4", "--prompts", str(prompts),
-              "--n", "3", "--out", str(out), "--steps", "2", "--dtype", "fp32", "--device", "cpu"]
+              "--n", "3", "--out", str(out), "--steps", "2", "--dtype", "fp32", "--device", "cpu",
+              "--clip", str(tiny_clip_dir)]
     result = run_cli("eval", "pipeline", *common)
     assert result.returncode == 1 and "holds no prompts" in result.stderr
     prompts.write_text("a red bicycle\na quiet lake at dawn\n")
@@ -158,3 +159,7 @@ def test_eval_pipeline_renders_both_sets_and_reports(tiny_pipeline_dir, tmp_path
     assert metrics["count"] == 3
     assert 5 < metrics["metrics"]["psnr"]["value"] < 60  # quantized, so not identical
     assert "psnr" in (out / "report.html").read_text().lower()
+    for key in ("clip_reference", "clip_test"):  # the formula itself: tests/test_clip_score.py
+        assert 0 <= metrics["metrics"][key]["value"] <= 100
+        assert metrics["metrics"][key]["model"] == str(tiny_clip_dir)
+    assert "CLIP score, test" in (out / "report.html").read_text()

@@ -210,7 +210,8 @@ def _eval_pipeline(args) -> int:
     pipe, _ = load_pipeline(args.model, getattr(torch, DTYPES[args.dtype]))
     pipe.to(device)
     result = evaluate_pipeline(pipe, lambda p: _quantize_pipe(p, args), prompts, args.n, args.out,
-                               features=args.features, seed=args.seed, device=device,
+                               features=args.features, clip=args.clip, seed=args.seed,
+                               device=device,
                                steps=args.steps, guidance=args.guidance, height=args.height,
                                width=args.width, frames=args.frames)
     if result is not None:
@@ -220,6 +221,7 @@ def _eval_pipeline(args) -> int:
 
 
 def _pipeline_eval_parser(group) -> None:
+    from .eval.clip_score import DEFAULT_CLIP
     from .eval.features import SPECS
 
     p = group.add_parser("pipeline", help="generate full-precision and quantized images from the "
@@ -233,6 +235,8 @@ def _pipeline_eval_parser(group) -> None:
     p.add_argument("--out", default="vqz-eval-pipeline", help="folder for both image sets, "
                    "metrics.json and report.html")
     p.add_argument("--features", default="inception", help=f"FID/KID feature network: {SPECS}")
+    p.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP model id or folder for the CLIP "
+                   f"score (default {DEFAULT_CLIP})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
     p.add_argument("--height", type=int)

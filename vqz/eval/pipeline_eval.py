@@ -10,8 +10,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .clip_score import DEFAULT_CLIP, clip_scorer
+from .features import MetricUnavailable
 from .generation import generate
-from .image_sets import evaluate_images
+from .image_sets import evaluate_images, load_image
 from .report import write_report
 
 
@@ -34,10 +36,12 @@ def render_set(pipe, prompts: list[str], n: int, folder: Path, state, seed: int 
 
 
 def evaluate_pipeline(pipe, quantize, prompts: list[str], n: int, out, *, features="inception",
-                      seed: int = 0, device=None, **options) -> dict | None:
+                      clip=DEFAULT_CLIP, seed: int = 0, device=None, **options) -> dict | None:
     """Render the full-precision set (out/reference), quantize the pipeline in place with
     `quantize(pipe)`, render the quantized set (out/quantized) from the same prompts and seeds,
-    and write out/metrics.json and out/report.html. Returns the metrics on the main process."""
+    and write out/metrics.json and out/report.html: the image-set metrics of evaluate_images and
+    the CLIP score of each set against its prompts (`clip`: a CLIP model id or folder; skipped
+    with the reason when it cannot be loaded). Returns the metrics on the main process."""
     from accelerate import PartialState
 
     if not prompts:
@@ -52,5 +56,25 @@ def evaluate_pipeline(pipe, quantize, prompts: list[str], n: int, out, *, featur
     if not state.is_main_process:
         return None
     result = evaluate_images(out / "reference", out / "quantized", features=features, device=device)
+    result["metrics"].update(_clip_scores(clip, prompts, result["pairs"], out, device))
     write_report(result, out)
     return result
+
+
+def _clip_scores(model_id: str, prompts: list[str], pairs: list[dict], out: Path, device) -> dict:
+    """{"clip_reference": ..., "clip_test": ...}: the mean CLIP score of each set, every image (or
+    video frame) against the prompt it was generated from."""
+    try:
+        score = clip_scorer(model_id, device or "cpu")
+    except MetricUnavailable as e:
+        return {"clip_reference": {"skipped": str(e)}, "clip_test": {"skipped": str(e)}}
+    scores = {}
+    for key, folder, side in (("clip_reference", out / "reference", "ref"),
+                              ("clip_test", out / "quantized", "test")):
+        values = []
+        for pair in pairs:  # "<i>.png" or "<i>/<frame>.png": the image index leads the path
+            index = int(Path(pair[side]).parts[0].split(".")[0])
+            image = load_image(folder / pair[side])[None]
+            values.append(score(image, [prompts[index % len(prompts)]]).item())
+        scores[key] = {"value": sum(values) / len(values), "model": model_id}
+    return scores

@@ -16,6 +16,8 @@ METRICS = {
     "lpips": ("LPIPS", "lower", "paired, mean over pairs"),
     "fid": ("FID", "lower", "unpaired sets"),
     "kid": ("KID", "lower", "unpaired sets, mean ± std over subsets"),
+    "clip_reference": ("CLIP score, reference", "higher", "image vs its prompt, mean"),
+    "clip_test": ("CLIP score, test", "higher", "image vs its prompt, mean"),
 }
 MAX_PAIRS_SHOWN, THUMBNAIL_SIDE = 64, 160
 
@@ -26,6 +28,11 @@ def _value_text(key: str, record: dict) -> str:
     if key == "kid":
         return f"{record['value']:.5f} ± {record['std']:.5f}"
     return f"{record['value']:.{2 if key == 'psnr' else 4}f}"
+
+
+def _present(metrics: dict) -> list:
+    """METRICS items of the metrics this result has (CLIP scores only where prompts are known)."""
+    return [(key, entry) for key, entry in METRICS.items() if key in metrics]
 
 
 def _skip_reasons(metrics: dict) -> dict[str, str]:
@@ -42,7 +49,7 @@ def format_table(result: dict) -> str:
     lines = [f"{result['count']} image pairs: {result['test']} (test) vs {result['ref']} "
              f"(reference); FID/KID features: {result['features']}",
              f"{'metric':11s}{'value':>20s}  {'better':7s}kind"]
-    for key, (label, better, kind) in METRICS.items():
+    for key, (label, better, kind) in _present(result["metrics"]):
         lines.append(f"{label:11s}{_value_text(key, result['metrics'][key]):>20s}  {better:7s}{kind}")
     lines += [f"{labels} skipped: {reason}" for labels, reason in _skip_reasons(result["metrics"]).items()]
     return "\n".join(lines)
@@ -73,7 +80,7 @@ def render_html(result: dict) -> str:
     esc = html.escape
     metrics = result["metrics"]
     rows = "".join(f"<tr><td>{label}</td><td>{_value_text(key, metrics[key])}</td><td>{better}</td>"
-                   f"<td>{kind}</td></tr>" for key, (label, better, kind) in METRICS.items())
+                   f"<td>{kind}</td></tr>" for key, (label, better, kind) in _present(metrics))
     skipped = "".join(f"<li><b>{esc(labels)} skipped:</b> {esc(reason)}</li>"
                       for labels, reason in _skip_reasons(metrics).items())
     paired = [key for key in ("psnr", "ssim", "lpips") if "skipped" not in metrics[key]]

@@ -237,11 +237,7 @@ def _pipeline_eval_parser(group) -> None:
     p.add_argument("--features", default="inception", help=f"FID/KID feature network: {SPECS}")
     p.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP model id or folder for the CLIP "
                    f"score (default {DEFAULT_CLIP})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int, help="video pipelines: number of frames")
+    _generation_options(p)
     _pipeline_options(p, calib_help="calibration prompts file (default: vqz's own prompts)")
     p.set_defaults(func=_eval_pipeline)
 
@@ -303,6 +299,14 @@ def _version() -> str:
     return __version__
 
 
+def _generation_options(p) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int, help="video pipelines: number of frames")
+
+
 def _pipeline_options(p, calib_help: str) -> None:
     p.add_argument("--calib", help=calib_help)
     p.add_argument("--calib-count", type=int, default=32, help="calibration prompts or images "
@@ -345,11 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantized", help="a folder written by `vqz quantize`")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="output image (.png) or video (.gif)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int, help="video pipelines: number of frames")
+    _generation_options(p)
     _pipeline_options(p, calib_help="with --preset: calibration prompts file")
     p.set_defaults(func=_generate)
 

@@ -59,7 +59,9 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
         target.eval()
         records = record_calls(target, as_forward_loop(data, obj, target))
         if teacher_model is not None:
+            was_training = teacher_model.training
             relabel(records, teacher_model.eval())
+            teacher_model.train(was_training)
         edges = _edges(records, cfg)
         smooth = _smoothing(target, plan, records, cfg) if cfg.smooth else {}
         wrap(target, plan, edges, smooth, tx)

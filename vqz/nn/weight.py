@@ -53,6 +53,11 @@ class QuantWeight(nn.Module):
             setattr(qw, name, value.contiguous())
         return qw
 
+    @property
+    def device(self) -> torch.device:
+        """Where the codes are (libraries that wrap layers, PEFT say, place adapters by it)."""
+        return self.codes.device
+
     def forward(self, dtype=torch.float32) -> torch.Tensor:
         """The dequantized weight [N, K] in `dtype`."""
         q = dict(self.named_buffers(recurse=False))

@@ -46,7 +46,14 @@ def save(obj, path) -> Path:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         tensors[name] = t.detach().contiguous().cpu().clone() if key in seen else t.detach().contiguous().cpu()
         seen[key] = name
-    metadata = {
+    save_file(tensors, str(file), metadata=checkpoint_metadata(state))
+    return file
+
+
+def checkpoint_metadata(state: QuantState) -> dict[str, str]:
+    """The safetensors metadata of a vqz checkpoint: format version, config, per-layer plan and
+    architecture fingerprint of a model quantized as `state`."""
+    return {
         "vqz_format_version": str(FORMAT_VERSION),
         "config": json.dumps(state.config.to_dict()),
         "layers": json.dumps([p.to_dict() for p in state.plan.layers]),
@@ -55,8 +62,6 @@ def save(obj, path) -> Path:
         "fingerprint": state.fingerprint,
         **({"requested_preset": state.requested} if state.requested else {}),
     }
-    save_file(tensors, str(file), metadata=metadata)
-    return file
 
 
 def read_metadata(path) -> dict:

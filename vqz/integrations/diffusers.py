@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import tempfile
 from enum import Enum
-from pathlib import Path
 
-from torch import nn
 
-from ..api import STATE_ATTR, quant_state, quantize
+from ..api import quant_state, quantize
 from ..config import get_preset, presets, resolve_config
 from ..guard import guard_dtype
-from ..io import load, read_metadata, save
+from ..io import checkpoint_metadata, load
 
 WRITTEN_FOR = "0.42"  # the diffusers version whose backend interface this module implements
 
@@ -190,16 +187,6 @@ class VQZQuantizer(DiffusersQuantizer):
     def _dequantize(self, model):
         raise NotImplementedError("a vqz model keeps no full-precision weights to return to: load "
                                   "the original model again")
-
-
-def checkpoint_metadata(state) -> dict[str, str]:
-    """The safetensors metadata `vqz.save` writes for a model quantized as `state` (a QuantState):
-    format version, config, plan, architecture fingerprint. Taken from a tensor-less vqz.save, so
-    that the format has one writer."""
-    holder = nn.Module()
-    setattr(holder, STATE_ATTR, state)
-    with tempfile.TemporaryDirectory() as folder:
-        return read_metadata(save(holder, Path(folder) / "metadata.safetensors"))
 
 
 def enable_save_pretrained(model):

@@ -36,15 +36,15 @@ def qat_layers(model: nn.Module) -> dict[str, QATLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QATLinear)}
 
 
-def apply_schedule(model: nn.Module, schedule: RankSchedule, step: int) -> bool:
-    """Set every wrapper's branch for `step`: re-factorised by SVD when a new decay phase began
+def apply_schedule(layers: list[QATLinear], schedule: RankSchedule, step: int) -> bool:
+    """Set each wrapper's branch for `step`: re-factorised by SVD when a new decay phase began
     since it was last set (so resuming at any step works), faded as the schedule says. Returns
     whether the factors changed (their optimizer moments then no longer apply)."""
     kept, fading, u = schedule.state(step)
     phase = schedule.phase(step)
     key = -1 if step < schedule.start else (schedule.phases if phase is None else phase)
     changed = False
-    for layer in qat_layers(model).values():
+    for layer in layers:
         if layer.rank and int(layer.phase) != key:
             layer.refactor(kept + fading)
             layer.phase.fill_(key)

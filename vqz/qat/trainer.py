@@ -118,7 +118,8 @@ def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity:
 def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: dict,
           start: int) -> TrainLog:
     inner = accelerator.unwrap_model(model)
-    branch = [p for layer in qat_layers(inner).values() for p in (layer.lora_down, layer.lora_up)]
+    layers = list(qat_layers(inner).values())  # looked up once: the schedule runs every step
+    branch = [p for layer in layers for p in (layer.lora_down, layer.lora_up)]
     fsdp = accelerator.distributed_type.name == "FSDP"
     order = _Order(len(records), accelerator.num_processes, accelerator.process_index, opts.seed)
     losses, ranks, samples = [], [], 0
@@ -127,7 +128,7 @@ def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: 
                total=opts.steps, disable=not accelerator.is_local_main_process)
     for step in bar:
         with _full_params(model) if fsdp else nullcontext():
-            refactored = apply_schedule(inner, opts.schedule, step)
+            refactored = apply_schedule(layers, opts.schedule, step)
         if refactored or (opts.reset_every and step and step % opts.reset_every == 0):
             reset_moments(optimizer, None if fsdp or not refactored else branch)
         total = torch.zeros((), device=accelerator.device)
@@ -150,7 +151,7 @@ def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: 
             bar.set_postfix(loss=f"{loss_value:.4g}", rank=ranks[-1])
         if opts.out and opts.checkpoint_every and (step + 1) % opts.checkpoint_every == 0:
             save_checkpoint(accelerator, Path(opts.out) / f"checkpoint-{step + 1}", step + 1, identity)
-    apply_schedule(inner, opts.schedule, opts.steps)
+    apply_schedule(layers, opts.schedule, opts.steps)
     return TrainLog(start, losses, ranks, time.perf_counter() - began, samples)
 
 

@@ -51,13 +51,20 @@ def _(x, smooth, l1, mode):
             _empty(x, m) if mode == "int8-asym" else _empty(x), _empty(x, m, r))
 
 
+# The op's activation and output dtype travel as indices into ACTIVATION_NAMES and OUT_DTYPES: with
+# `str?` and `ScalarType` arguments the op failed in the dispatcher ("vector::reserve") once
+# diffusers pipelines had run in the process (torch 2.11, CUDA).
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ACTIVATION_NAMES = (None, "gelu_tanh", "gelu", "silu")
+
+
 def _int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
               zero_point: torch.Tensor | None, colsum_b: torch.Tensor | None,
               xl1: torch.Tensor | None, l2: torch.Tensor | None, bias: torch.Tensor | None,
-              activation: str | None, out_dtype: torch.dtype) -> torch.Tensor:
+              activation: int, out_dtype: int) -> torch.Tensor:
     return reference.int8_gemm(a, b, scale_a, scale_b, zero_point=zero_point, colsum_b=colsum_b,
-                               xl1=xl1, l2=l2, bias=bias, activation_name=activation,
-                               out_dtype=out_dtype)
+                               xl1=xl1, l2=l2, bias=bias, activation_name=ACTIVATION_NAMES[activation],
+                               out_dtype=OUT_DTYPES[out_dtype])
 
 
 int8_gemm = torch.library.custom_op("vqz::int8_gemm", mutates_args=())(_int8_gemm)
@@ -65,7 +72,7 @@ int8_gemm = torch.library.custom_op("vqz::int8_gemm", mutates_args=())(_int8_gem
 
 @int8_gemm.register_fake
 def _(a, b, scale_a, scale_b, zero_point, colsum_b, xl1, l2, bias, activation, out_dtype):
-    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+    return a.new_empty(a.shape[0], b.shape[0], dtype=OUT_DTYPES[out_dtype])
 
 
 def _unpack_int4(packed: torch.Tensor, multiplier: torch.Tensor, k: int, group: int) -> torch.Tensor:
@@ -111,7 +118,8 @@ def _register_triton() -> None:
     @int8_gemm.register_kernel("cuda")
     def _(a, b, scale_a, scale_b, zero_point, colsum_b, xl1, l2, bias, activation, out_dtype):
         return gemm.int8_gemm(a, b, scale_a, scale_b, zero_point=zero_point, colsum_b=colsum_b,
-                              xl1=xl1, l2=l2, bias=bias, activation=activation, out_dtype=out_dtype)
+                              xl1=xl1, l2=l2, bias=bias, activation=ACTIVATION_NAMES[activation],
+                              out_dtype=OUT_DTYPES[out_dtype])
 
     @unpack_int4.register_kernel("cuda")
     def _(packed, multiplier, k, group):

@@ -156,7 +156,7 @@ def accepts(layer, x: torch.Tensor) -> bool:
     if kind == "fp8":  # torch._scaled_mm: row-wise scales need bf16 out, dims multiples of 16
         return x.dtype == torch.bfloat16 and layer.in_features % 16 == 0 \
             and layer.out_features % 16 == 0
-    return kind == "int8"
+    return kind == "int8" and x.dtype in ops.OUT_DTYPES
 
 
 def run(layer, x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +193,8 @@ def _run_int8(layer, x, bias):
                                               layer.weight_spec.group_size)
     return _op("int8_gemm", x.device)(a, weight, scale, layer.kernel_wscale, zp,
                          getattr(layer, "kernel_colsum", None), xl1 if l1 is not None else None,
-                         layer.kernel_l2 if l1 is not None else None, bias, None, x.dtype)
+                         layer.kernel_l2 if l1 is not None else None, bias, 0,
+                         ops.OUT_DTYPES.index(x.dtype))
 
 
 register_linear_kernel(accepts, run)

@@ -234,7 +234,9 @@ def test_adapters_compose_change_strength_and_come_off_exactly():
 
 @torch.no_grad()
 def test_segments_keep_a_kernel_rank_and_the_kernels_run_them():
-    model = _quantized("w4a4-svd-fast", rank=16)  # runs on the fused int8 kernels
+    # on a GPU runtime.run is the Triton kernels; elsewhere their reference implementations
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _quantized("w4a4-svd-fast", rank=16).to(device)  # runs on the fused int8 kernels
     layer = model[0]
     assert kernel_kind(layer) == "int8"
     prepare_model(model)
@@ -243,8 +245,10 @@ def test_segments_keep_a_kernel_rank_and_the_kernels_run_them():
     assert layer.rank == 16 + 16 + 32 and layer.rank % RANK_MULTIPLE == 0
     assert not layer.lora_down[:, 20:32].any() and not layer.lora_up[20:32].any()  # padding
     assert layer.kernel_l1.shape == (64, 64)  # the kernels' copy follows the branch
-    x = torch.randn(5, 64)
-    _close(runtime.run(layer, x), layer.reference_forward(x))
+    x = torch.randn(5, 64, device=device)
+    want = layer.reference_forward(x)
+    tol = 2e-3 if device == "cuda" else 1e-5  # on GPU the branch runs on TF32 tensor cores
+    torch.testing.assert_close(runtime.run(layer, x), want, rtol=tol, atol=tol * want.abs().max().item())
     lora.remove_lora(model, "one")
     assert layer.rank == 48 and layer.kernel_l1.shape == (64, 48)
 

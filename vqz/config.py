@@ -378,9 +378,10 @@ _PRESETS = {
 # auxiliary low-rank branch that training decays to 0. Not for vqz.quantize.
 _QAT_PRESETS = {
     "w4a4-qat": QuantConfig("w4a4-qat", replace(_int_w(4, 64), learnable=True),
-                            replace(_dyn_a("int4", 64), learnable=True), rank=32, timestep_buckets=4),
+                            replace(_dyn_a("int4", 64, symmetric=False), learnable=True), rank=32,
+                            timestep_buckets=4),
     "w4a8-qat": QuantConfig("w4a8-qat", replace(_int_w(4, 64), learnable=True),
-                            replace(_dyn_a("int8"), learnable=True), rank=32, timestep_buckets=4),
+                            replace(_A8, learnable=True), rank=32, timestep_buckets=4),
 }
 
 # Recipes made for one model family, and the generic names that family's adapter resolves to them
@@ -420,11 +421,12 @@ PRESET_DESCRIPTIONS = {
                   "weights, learned rounding per block (200 steps)",
     "depth-w4a4": "depth: INT4 weights per output channel (MSE), INT4 polished activations, compensated "
                   "weights, learned rounding per block (200 steps)",
-    "w4a4-qat": "QAT: INT4 group-64 weights with learned scales, INT4 "
-                "group-64 dynamic activations with learned clip ratios per timestep range, "
-                "rank-32 auxiliary branch decayed to 0",
-    "w4a8-qat": "QAT: INT4 group-64 weights with learned scales, INT8 per-token activations with "
-                "learned clip ratios per timestep range, rank-32 auxiliary branch decayed to 0",
+    "w4a4-qat": "QAT: INT4 group-64 weights with learned scales, INT4 group-64 dynamic "
+                "asymmetric activations with learned clip ratios per timestep range, rank-32 "
+                "auxiliary branch decayed to 0",
+    "w4a8-qat": "QAT: INT4 group-64 weights with learned scales, INT8 per-token asymmetric "
+                "activations with learned clip ratios per timestep range, rank-32 auxiliary branch "
+                "decayed to 0",
 }
 
 

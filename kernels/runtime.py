@@ -62,7 +62,7 @@ def _act_mode(spec) -> str | None:
 def kernel_kind(layer) -> str | None:
     """"int8", "fp8", "w4a16" or None (reference only) for a QuantLinear's specs."""
     w, a = layer.weight_spec, layer.act_spec
-    if w is None or (layer.rank and layer.rank > MAX_RANK):
+    if w is None or (layer.rank and layer.rank > MAX_RANK) or layer.rotate:
         return None
     mode = _act_mode(a)
     if mode in ("int8", "int8-asym", "group") and _weight_as_int8(w):

@@ -189,6 +189,18 @@ def test_smoothed_recipe_trains_and_round_trips(tiny_dit, tmp_path):
     assert torch.equal(_out(loaded, data[0]), _out(model, data[0]))
 
 
+def test_rotated_recipe_trains_and_round_trips(tiny_dit, tmp_path):
+    build, data = tiny_dit
+    model = build()
+    vqz.train_qat(model, replace(_recipe(), rotate=True), data=data, steps=12, lr=1e-4, decay_every=2)
+    block = model.transformer_blocks[0]
+    assert block.ff.net[2].rotate and not block.attn1.to_q.rotate  # K = 128 and K = 32
+    vqz.save(model, tmp_path / "q")
+    loaded = vqz.load(build(), tmp_path / "q")
+    assert loaded.transformer_blocks[0].ff.net[2].rotate
+    assert torch.equal(_out(loaded, data[0]), _out(model, data[0]))
+
+
 def test_frozen_parameters_stay_frozen_and_untouched(tiny_dit):
     build, data = tiny_dit
     model = build()

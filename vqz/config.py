@@ -203,6 +203,10 @@ class QuantConfig:
     least squares) and rounds it with GPTQ; `reconstruct` > 0 learns the weights' rounding
     (AdaRound) for that many steps per block against the block's fp output (blocks named by the
     model's adapter).
+    rotate: rotate the input of every Linear layer with dynamic activations and K a multiple of 64
+    by a block-diagonal Hadamard matrix (blocks of 64), the weight rotated to match (after
+    smoothing, vqz/nn/rotation.py): outlier channels are spread over their block before 4-bit
+    rounding. Runs on the pure-torch path (the GPU kernels do not rotate yet).
     """
 
     name: str = "custom"
@@ -220,6 +224,7 @@ class QuantConfig:
     polish: bool = False
     compensate: bool = False
     reconstruct: int = 0
+    rotate: bool = False
     exclude: tuple = ()
     rules: tuple = ()
     version: int = CONFIG_VERSION
@@ -253,6 +258,12 @@ class QuantConfig:
             raise ValueError("a low-rank branch (rank > 0) needs a weight spec")
         if not isinstance(self.reconstruct, int) or self.reconstruct < 0:
             raise ValueError(f"reconstruct must be an integer >= 0 (steps), got {self.reconstruct!r}")
+        if self.rotate and (self.weight is None or self.act is None or not self.act.dynamic):
+            raise ValueError("rotate=True rotates the weights and the inputs whose activations are "
+                             "quantized on the fly; give the config a weight spec and a dynamic act "
+                             "spec (dynamic=True)")
+        if self.rotate and (self.polish or self.compensate or self.reconstruct):
+            raise ValueError("rotate cannot be combined with polish, compensate or reconstruct")
         if (self.polish or self.compensate or self.reconstruct) and self.act is None:
             raise ValueError("polish, compensate and reconstruct work on quantized activations; "
                              "give the config an act spec")

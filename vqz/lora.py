@@ -39,6 +39,7 @@ from torch import nn
 from .api import STATE_ATTR, resolve_target
 from .kernels.runtime import MAX_RANK, RANK_MULTIPLE, kernel_kind, prepare
 from .nn import QuantLinear, attention_wrapper
+from .nn.rotation import hadamard_rotate
 from .lora_files import DORA, group_factors, read_lora
 from .patch import Transaction, layer_kind, module_paths
 
@@ -375,10 +376,13 @@ def _branch_like(layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
 
 def _down_columns(layer: QuantLinear, down: torch.Tensor, width: int,
                   like: torch.Tensor) -> torch.Tensor:
-    """diag(λ) Aᵀ [K, width]: the LoRA's down factor acting on x/λ, zero-padded to `width`."""
+    """diag(λ) Aᵀ [K, width] (H diag(λ) Aᵀ for a rotated layer): the LoRA's down factor acting on
+    the branch's input x̂, zero-padded to `width`."""
     columns = down.detach().to(like.device, torch.float32).T
     if layer.smooth is not None:
         columns = columns * layer.smooth.float()[:, None]
+    if layer.rotate:
+        columns = hadamard_rotate(columns.T).T
     return F.pad(columns, (0, width - columns.shape[1])).to(like.dtype)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import LayerRule, QuantConfig, QuantSpec
 from .nn import QuantModule, attention_wrapper
+from .nn.rotation import rotatable
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class LayerPlan:
     buckets: int = 0  # timestep ranges of the static activation scales (0: one range)
     probs: QuantSpec | None = None
     polish: bool = False  # activations quantized in the polished (log) domain (QuartDepth)
+    rotate: bool = False  # input rotated by a block Hadamard matrix (vqz/nn/rotation.py)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,6 +120,8 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, default_rules: tuple = (),
                 too_big.append((name, recipe["rank"], limit))
             elif recipe["rank"] >= limit:
                 recipe["rank"] = 0
+        if recipe.get("rotate") and not rotatable(module.in_features):
+            recipe["rotate"] = False
         plan.layers.append(LayerPlan(name, kind, splits=tuple(splits.get(name, ())), **recipe))
     if too_big:
         raise ValueError(f"low-rank branch rank larger than the layer allows (name, rank, "
@@ -170,7 +174,8 @@ def _apply_rules(name: str, kind: str, cfg: QuantConfig, rules: tuple[LayerRule,
             return "activation-only configs quantize Linear layers only"
         return {"weight": weight, "act": act, "buckets": buckets, "rank_from_rule": False}
     return {"weight": weight, "act": act, "rank": rank, "smooth": smooth, "buckets": buckets,
-            "polish": cfg.polish and act is not None, "rank_from_rule": rank_from_rule}
+            "polish": cfg.polish and act is not None, "rank_from_rule": rank_from_rule,
+            "rotate": cfg.rotate and act is not None and act.dynamic}
 
 
 def module_paths(model: nn.Module) -> dict[int, list[str]]:

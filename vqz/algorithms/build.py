@@ -6,7 +6,7 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..nn import QuantConv2d, QuantLinear, QuantModule, attention_wrapper
-from ..nn.smoothing import smooth_input
+from ..nn.rotation import quantizer_input
 from ..nn.polish import PolishedQuantLinear
 from ..patch import LayerPlan
 from .gptq import gptq_quantize, input_hessian
@@ -31,6 +31,7 @@ def quantize_layer(module: nn.Module, plan: LayerPlan, cfg: QuantConfig, stats=N
     linear_cls = PolishedQuantLinear if plan.polish else QuantLinear
     if not (plan.smooth or plan.rank):
         layer = linear_cls.from_float(module, plan.weight, plan.act, act_buckets=plan.buckets,
+                                      rotate=plan.rotate,
                                       round_weight=_gptq(stats, None, plan) if gptq else None)
         return _set_alpha(layer, stats, plan)
     if plan.smooth and stats is None:
@@ -41,6 +42,7 @@ def quantize_layer(module: nn.Module, plan: LayerPlan, cfg: QuantConfig, stats=N
         x_sample=stats.sample if plan.smooth else None, alpha=cfg.alpha, iters=cfg.svd_iters)
     layer = linear_cls.from_float(module, plan.weight, plan.act, smooth=result.smooth,
                                   lowrank=result.lowrank, act_buckets=plan.buckets,
+                                  rotate=plan.rotate,
                                   round_weight=_gptq(stats, result.smooth, plan) if gptq else None)
     return _set_alpha(layer, stats, plan)
 
@@ -54,10 +56,11 @@ def _set_alpha(layer: QuantLinear, stats, plan: LayerPlan) -> QuantLinear:
 
 
 def _gptq(stats, smooth, plan: LayerPlan):
-    """R [N, K] -> GPTQ codes and scales, for the inputs `stats.sample` [S, K] divided by λ."""
+    """R [N, K] -> GPTQ codes and scales, for the inputs `stats.sample` [S, K] as the layer's
+    quantizer sees them (divided by λ, rotated if the layer rotates)."""
     def round_weight(r):
         x = stats.sample.to(r.device, torch.float32)
-        return gptq_quantize(r, input_hessian(smooth_input(x, smooth)), plan.weight)
+        return gptq_quantize(r, input_hessian(quantizer_input(x, smooth, plan.rotate)), plan.weight)
     return round_weight
 
 
@@ -76,4 +79,4 @@ def empty_layer(module: nn.Module, plan: LayerPlan) -> QuantModule:
     linear_cls = PolishedQuantLinear if plan.polish else QuantLinear
     return linear_cls(module.in_features, module.out_features, module.bias is not None,
                       weight_spec=plan.weight, act_spec=plan.act, rank=plan.rank, smooth=plan.smooth,
-                      act_buckets=plan.buckets, **factory)
+                      act_buckets=plan.buckets, rotate=plan.rotate, **factory)

@@ -1,4 +1,4 @@
-"""QuantLinear: y = Q(x / λ) Q(R)ᵀ + ((x / λ) L1) L2 + b."""
+"""QuantLinear: y = Q(x̂) Q(R)ᵀ + (x̂ L1) L2 + b, with x̂ = x / λ (times H when the layer rotates)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -10,7 +10,7 @@ from torch import nn
 from ..config import QuantSpec
 from ..kernels import linear_impl
 from .base import QuantModule
-from .smoothing import smooth_input
+from .rotation import hadamard_rotate, quantizer_input
 from .timestep import make_act_quantizer
 from .weight import QuantWeight
 
@@ -20,15 +20,20 @@ class QuantLinear(QuantModule):
 
     Weight `qweight`: the quantized [N, K] matrix R (the whole smoothed weight when there is no
     low-rank branch). `smooth` [K] (float32): per-input-channel divisor λ applied before activation
-    quantization. `lora_down` [K, r] and `lora_up` [r, N]: the 16-bit low-rank branch on x / λ.
-    With `weight_spec=None` the weight stays a float parameter `weight` (activation-only configs).
+    quantization. `rotate`: the input is then multiplied by the block Hadamard matrix H, and R and
+    L1 are stored rotated to match. `lora_down` [K, r] and `lora_up` [r, N]: the 16-bit low-rank
+    branch on x̂. With `weight_spec=None` the weight stays a float parameter `weight`
+    (activation-only configs).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  weight_spec: QuantSpec | None, act_spec: QuantSpec | None, rank: int = 0,
-                 smooth: bool = False, act_buckets: int = 0, device=None, dtype=None):
+                 smooth: bool = False, act_buckets: int = 0, rotate: bool = False, device=None,
+                 dtype=None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        if rotate and weight_spec is None:
+            raise ValueError("a rotated layer needs a weight spec (its weight is stored rotated)")
+        self.in_features, self.out_features, self.rotate = in_features, out_features, rotate
         self.weight_spec, self.act_spec, self.rank = weight_spec, act_spec, rank
         factory = {"device": device, "dtype": dtype}
         if weight_spec is None:
@@ -46,10 +51,11 @@ class QuantLinear(QuantModule):
     def from_float(cls, linear: nn.Linear, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, *,
                    smooth: torch.Tensor | None = None,
                    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   act_buckets: int = 0,
+                   act_buckets: int = 0, rotate: bool = False,
                    round_weight: Callable[[torch.Tensor], dict] | None = None) -> QuantLinear:
         """Quantize `linear`. `smooth`: λ [K]; `lowrank`: (L1 [K, r], L2 [r, N]) approximating
-        (W diag(λ))ᵀ; the weight quantizer then sees the residual R = W diag(λ) - (L1 L2)ᵀ.
+        (W diag(λ))ᵀ; the weight quantizer then sees the residual R = W diag(λ) - (L1 L2)ᵀ (with
+        `rotate`, W diag(λ) H - (H L1 L2)ᵀ).
         `round_weight`: R [N, K] float32 -> its codes and scales laid out as
         `Quantizer(weight_spec).quantize(R)` returns them (GPTQ, say); default round-to-nearest.
         A callable rather than the codes themselves, since R depends on how L1 L2 is stored."""
@@ -57,14 +63,16 @@ class QuantLinear(QuantModule):
         rank = 0 if lowrank is None else lowrank[0].shape[1]
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     weight_spec=weight_spec, act_spec=act_spec, rank=rank, smooth=smooth is not None,
-                    act_buckets=act_buckets, device=w.device, dtype=w.dtype)
+                    act_buckets=act_buckets, rotate=rotate, device=w.device, dtype=w.dtype)
         residual = w.float()
         if smooth is not None:
             layer.smooth.copy_(smooth)
             residual = residual * smooth.float()
+        if rotate:
+            residual = hadamard_rotate(residual)
         if lowrank is not None:
             l1, l2 = lowrank
-            layer.lora_down.data.copy_(l1)
+            layer.lora_down.data.copy_(hadamard_rotate(l1.float().T).T if rotate else l1)
             layer.lora_up.data.copy_(l2)
             # Subtract the branch as stored (in the layer's dtype), so Q(R) corrects its rounding.
             residual = residual - (layer.lora_down.float() @ layer.lora_up.float()).T
@@ -81,7 +89,8 @@ class QuantLinear(QuantModule):
         return layer
 
     def smoothed(self, x: torch.Tensor) -> torch.Tensor:
-        return smooth_input(x, self.smooth)
+        """x̂: what the activation quantizer and the branch see."""
+        return quantizer_input(x, self.smooth, self.rotate)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """Q(R) [N, K] (or the float weight for activation-only configs)."""
@@ -112,4 +121,5 @@ class QuantLinear(QuantModule):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, rank={self.rank}, smooth={self.smooth is not None}")
+                f"bias={self.bias is not None}, rank={self.rank}, smooth={self.smooth is not None}"
+                + (", rotate=True" if self.rotate else ""))

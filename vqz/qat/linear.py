@@ -1,5 +1,6 @@
-"""QATLinear: y = Qa(x / λ) (Q(W diag(λ)) + L diag(fade) R)ᵀ + b, the QVGen training wrapper of a
-Linear layer (λ: optional SVDQuant-style smoothing, fixed during training)."""
+"""QATLinear: y = Qa(x̂) (Q(W') + L diag(fade) R)ᵀ + b, the QVGen training wrapper of a Linear layer,
+with x̂ = x / λ and W' = W diag(λ) (λ: optional SVDQuant-style smoothing, fixed during training),
+both times the block Hadamard matrix H when the layer rotates."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -10,7 +11,7 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..nn.linear import QuantLinear
-from ..nn.smoothing import smooth_input
+from ..nn.rotation import hadamard_rotate, quantizer_input
 from ..nn.timestep import make_act_quantizer
 from ..nn.weight import QuantWeight
 from ..quantizer import Quantizer
@@ -19,27 +20,30 @@ from ..quantizer import Quantizer
 class QATLinear(nn.Module):
     """A Linear layer under quantization-aware training.
 
-    `weight` [N, K]: the trained full-precision weight (smoothed: W diag(λ)), fake-quantized by
-    `weight_quantizer` (LSQ+: learnable scales, initialised by the spec's observer). `smooth` [K]
-    (buffer, float32, or None): the per-input-channel divisor λ of the input. `act_quantizer`: the input's quantizer
-    (a learnable dynamic spec learns clip ratios, per timestep range with `act_buckets` > 1).
-    `lora_down` [K, r], `lora_up` [r, N]: the auxiliary branch on the quantized input, initialised
-    from the SVD of (W - Q(W))ᵀ; `fade` [r] (buffer) multiplies its directions (1 kept, u fading,
+    `weight` [N, K]: the trained full-precision weight W' (W diag(λ), times H with `rotate`),
+    fake-quantized by `weight_quantizer` (LSQ+: learnable scales, initialised by the spec's
+    observer). `smooth` [K] (buffer, float32, or None): the per-input-channel divisor λ of the
+    input. `act_quantizer`: the input's quantizer (a learnable dynamic spec learns clip ratios, per
+    timestep range with `act_buckets` > 1). `lora_down` [K, r], `lora_up` [r, N]: the auxiliary
+    branch on the quantized input, initialised from the SVD of (W' - Q(W'))ᵀ; `fade` [r] (buffer) multiplies its directions (1 kept, u fading,
     0 gone) and `phase` (buffer) is the decay phase the factors were last re-factorised for.
     """
 
     def __init__(self, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None,
-                 rank: int, act_buckets: int = 0, smooth: torch.Tensor | None = None):
+                 rank: int, act_buckets: int = 0, smooth: torch.Tensor | None = None,
+                 rotate: bool = False):
         super().__init__()
         if not weight_spec.learnable or (act_spec is not None and not act_spec.learnable):
             raise ValueError("QAT needs learnable weight and activation specs (learnable=True)")
         w = linear.weight.detach()
         if smooth is not None:
             w = (w.float() * smooth.float()).to(w.dtype)
+        if rotate:
+            w = hadamard_rotate(w)
         n, k = w.shape
         if not 0 <= rank <= min(n, k):
             raise ValueError(f"rank {rank} does not fit a {n}x{k} weight")
-        self.in_features, self.out_features = k, n
+        self.in_features, self.out_features, self.rotate = k, n, rotate
         self.weight = nn.Parameter(w.clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         self.weight_quantizer = Quantizer(weight_spec).fit(w.float())
@@ -62,7 +66,7 @@ class QATLinear(nn.Module):
         return [] if self.act_quantizer is None else [self.act_quantizer]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = smooth_input(x, self.smooth)
+        x = quantizer_input(x, self.smooth, self.rotate)
         xq = x if self.act_quantizer is None else self.act_quantizer(x)
         w = self.weight_quantizer(self.weight)
         y = F.linear(xq, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -99,7 +103,8 @@ class QATLinear(nn.Module):
         layer = QuantLinear(self.in_features, self.out_features, self.bias is not None,
                             weight_spec=spec, act_spec=None if self.act_quantizer is None else
                             self.act_quantizer.spec, act_buckets=self.act_buckets,
-                            smooth=self.smooth is not None, device=w.device, dtype=w.dtype)
+                            smooth=self.smooth is not None, rotate=self.rotate, device=w.device,
+                            dtype=w.dtype)
         if self.smooth is not None:
             layer.smooth.copy_(self.smooth)
         layer.qweight = QuantWeight.from_quantized(self.weight_quantizer.quantize(w.float()), spec)

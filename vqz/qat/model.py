@@ -20,7 +20,7 @@ def wrap(target: nn.Module, plan: Plan, edges, smooth: dict, tx: Transaction) ->
     layers = {}
     for p in plan.layers:
         original = target.get_submodule(p.name)
-        new = QATLinear(original, p.weight, p.act, p.rank, p.buckets, smooth.get(p.name))
+        new = QATLinear(original, p.weight, p.act, p.rank, p.buckets, smooth.get(p.name), p.rotate)
         for path in paths[id(original)]:
             tx.swap(path, new)
         layers[p.name] = new

@@ -1,0 +1,39 @@
+"""Block-Hadamard rotation (QuantConfig.rotate) on the reference DiT: each recipe with and without
+it, samples against full precision (as samples/quality_table.py measures them), as trained and with
+injected outliers.
+
+    python samples/rotation_quality.py --n 32 --json rotation.json
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from vqz.config import get_preset
+from quality_table import evaluate, quality_run
+from vqz.eval.outliers import inject_outliers
+from vqz.pipelines.reference import load_reference
+
+W4A4_ASYM = replace(get_preset("w4a4"), name="w4a4-asym",
+                    act=replace(get_preset("w4a4").act, symmetric=False))
+RECIPES = [("w4a4", "w4a4"), ("w4a4, asymmetric activations", W4A4_ASYM), ("w4a4-svd", "w4a4-svd"),
+           ("w4a8", "w4a8")]
+VARIANTS = [(f"{label}{suffix}", recipe, {"rotate": rotate}) for label, recipe in RECIPES
+            for suffix, rotate in (("", False), (" + rotation", True))]
+
+
+def main():
+    args, device, results = quality_run(__doc__)
+    dit = load_reference("dit").to(device)
+    print("DiT, as trained")
+    results["dit"] = evaluate(dit, VARIANTS, args.n, args.steps)
+    print("DiT, injected outliers (scale 50, 1% of channels)")
+    inject_outliers(dit, scale=50.0, fraction=0.01)
+    results["dit_outliers"] = evaluate(dit, VARIANTS, args.n, args.steps)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -81,15 +81,20 @@ def quality_run(description: str):
     return args, device, results
 
 
-def main():
-    args, device, results = quality_run(__doc__)
-
+def evaluate_dit(variants, args, device) -> dict:
+    """The reference DiT's rows, as trained ("dit") and with injected outliers ("dit_outliers")."""
     dit = load_reference("dit").to(device)
     print("DiT, as trained")
-    results["dit"] = evaluate(dit, DIT_VARIANTS, args.n, args.steps)
+    rows = {"dit": evaluate(dit, variants, args.n, args.steps)}
     print("DiT, injected outliers (scale 50, 1% of channels)")
     inject_outliers(dit, scale=50.0, fraction=0.01)
-    results["dit_outliers"] = evaluate(dit, DIT_VARIANTS, args.n, args.steps)
+    rows["dit_outliers"] = evaluate(dit, variants, args.n, args.steps)
+    return rows
+
+
+def main():
+    args, device, results = quality_run(__doc__)
+    results.update(evaluate_dit(DIT_VARIANTS, args, device))
     unet = load_reference("unet").to(device)
     print("UNet")
     results["unet"] = evaluate(unet, UNET_VARIANTS, args.n, args.steps)

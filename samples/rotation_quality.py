@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+from quality_table import evaluate_dit, quality_run
 from vqz.config import get_preset
-from quality_table import evaluate, quality_run
-from vqz.eval.outliers import inject_outliers
-from vqz.pipelines.reference import load_reference
 
 W4A4_ASYM = replace(get_preset("w4a4"), name="w4a4-asym",
                     act=replace(get_preset("w4a4").act, symmetric=False))
@@ -24,12 +22,7 @@ VARIANTS = [(f"{label}{suffix}", recipe, {"rotate": rotate}) for label, recipe i
 
 def main():
     args, device, results = quality_run(__doc__)
-    dit = load_reference("dit").to(device)
-    print("DiT, as trained")
-    results["dit"] = evaluate(dit, VARIANTS, args.n, args.steps)
-    print("DiT, injected outliers (scale 50, 1% of channels)")
-    inject_outliers(dit, scale=50.0, fraction=0.01)
-    results["dit_outliers"] = evaluate(dit, VARIANTS, args.n, args.steps)
+    results.update(evaluate_dit(VARIANTS, args, device))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

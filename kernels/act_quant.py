@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vqz.nn.rotation import ROTATION_BLOCK
+
 _RANGE_FLOOR = tl.constexpr(1e-8)  # the quantizer's smallest range (vqz/quantizer.py)
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + magic) - magic rounds fp32 |v| < 2^22 half-to-even
 
@@ -25,14 +27,41 @@ def _rne(v):
 
 
 @triton.jit
-def _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH: tl.constexpr):
-    """x[rows, cols] / λ[cols] in x's dtype (zeros outside the matrix)."""
+def _butterfly(v, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, H: tl.constexpr):
+    """One stage of the Walsh–Hadamard transform: (a, b) -> (a + b, a - b) for columns H apart."""
+    v = tl.reshape(v, [BLOCK_M, BLOCK_K // (2 * H), 2, H])
+    a, b = tl.split(tl.permute(v, (0, 1, 3, 2)))
+    v = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+    return tl.reshape(v, [BLOCK_M, BLOCK_K])
+
+
+@triton.jit
+def _hadamard64(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x [BM, BK] times the block Hadamard matrix (blocks of 64, BK a multiple of 64), stage for
+    stage as vqz/nn/rotation.py computes it, returned in x's dtype."""
+    v = x.to(tl.float32)
+    v = _butterfly(v, BLOCK_M, BLOCK_K, 1)
+    v = _butterfly(v, BLOCK_M, BLOCK_K, 2)
+    v = _butterfly(v, BLOCK_M, BLOCK_K, 4)
+    v = _butterfly(v, BLOCK_M, BLOCK_K, 8)
+    v = _butterfly(v, BLOCK_M, BLOCK_K, 16)
+    v = _butterfly(v, BLOCK_M, BLOCK_K, 32)
+    return (v * 0.125).to(x.dtype)
+
+
+@triton.jit
+def _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH: tl.constexpr,
+                   ROTATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[rows, cols] / λ[cols] in x's dtype (zeros outside the matrix), times the block Hadamard
+    matrix with ROTATE."""
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     if HAS_SMOOTH:
         lam = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0).to(tl.float32)
         inv = tl.math.div_rn(1.0, lam)
         x = (x.to(tl.float32) * inv[None, :]).to(x.dtype)
+    if ROTATE:
+        x = _hadamard64(x, BLOCK_M, BLOCK_K)
     return x
 
 
@@ -65,8 +94,8 @@ def _store_lowrank(xl1_ptr, acc, chunk, rows, M, R: tl.constexpr):
 
 @triton.jit
 def _row_range_kernel(x_ptr, smooth_ptr, hi_ptr, lo_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr,
-                      SIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      ROTATE: tl.constexpr, SIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per row and K chunk: max|x/λ| (SIGNED: max and min, both ranges holding 0) -> [chunks, M]."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = tl.program_id(1)
@@ -74,7 +103,8 @@ def _row_range_kernel(x_ptr, smooth_ptr, hi_ptr, lo_ptr, M, K, stride_xm, HAS_SM
     lo = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        v = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH).to(tl.float32)
+        v = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH, ROTATE,
+                           BLOCK_M, BLOCK_K).to(tl.float32)
         if SIGNED:
             valid = cols[None, :] < K
             hi = tl.maximum(hi, tl.max(tl.where(valid, v, -float("inf")), axis=1))
@@ -99,8 +129,8 @@ def _gather_range(part_ptr, rows, M, CHUNKS, CHUNKS_P2: tl.constexpr, SIGN: tl.c
 
 @triton.jit
 def _act_group_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, a_ptr, unit_ptr, xl1_ptr, M, K,
-                      stride_xm, CHUNKS, HAS_SMOOTH: tl.constexpr, R: tl.constexpr,
-                      IEEE: tl.constexpr, GROUP: tl.constexpr, LEVELS: tl.constexpr,
+                      stride_xm, CHUNKS, HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr,
+                      R: tl.constexpr, IEEE: tl.constexpr, GROUP: tl.constexpr, LEVELS: tl.constexpr,
                       QMIN: tl.constexpr, QMAX: tl.constexpr, CHUNK: tl.constexpr,
                       CHUNKS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Symmetric INT codes per token per group with two-level scales, for one K chunk of a row
@@ -116,7 +146,8 @@ def _act_group_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, a_ptr, unit_ptr, xl1_pt
     acc = tl.zeros([BLOCK_M, R if R > 0 else 16], tl.float32)
     for k0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        xs = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH)
+        xs = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH, ROTATE,
+                            BLOCK_M, BLOCK_K)
         v = tl.reshape(xs.to(tl.float32), [BLOCK_M, BLOCK_K // GROUP, GROUP])
         scale = tl.maximum(tl.max(tl.abs(v), axis=2), _RANGE_FLOOR) * (1.0 / QMAX)
         mult = tl.minimum(tl.maximum(tl.math.ceil(tl.math.div_rn(scale, unit[:, None])), 1.0),
@@ -130,8 +161,8 @@ def _act_group_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, a_ptr, unit_ptr, xl1_pt
 
 @triton.jit
 def _act_token_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, lo_ptr, a_ptr, scale_ptr, zp_ptr, xl1_ptr,
-                      M, K, stride_xm, CHUNKS, HAS_SMOOTH: tl.constexpr, R: tl.constexpr,
-                      IEEE: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
+                      M, K, stride_xm, CHUNKS, HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr,
+                      R: tl.constexpr, IEEE: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
                       CHUNKS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """One scale per token, for one K chunk of a row block. MODE 0: symmetric int8; 1: asymmetric
     int8, stored as code - 128 with zero point - 128 (the GEMM corrects with W's column sums);
@@ -155,7 +186,8 @@ def _act_token_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, lo_ptr, a_ptr, scale_pt
     acc = tl.zeros([BLOCK_M, R if R > 0 else 16], tl.float32)
     for k0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        xs = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH)
+        xs = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH, ROTATE,
+                            BLOCK_M, BLOCK_K)
         v = xs.to(tl.float32) * tl.math.div_rn(1.0, scale)[:, None]
         if MODE == 1:
             a = (tl.minimum(tl.maximum(_rne(v + zp[:, None]), 0.0), 255.0) - 128.0).to(tl.int8)
@@ -176,11 +208,15 @@ ACT_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, CHUNK=512, num_warps=4)  # best on H1
 class _Launch:
     """Shapes, outputs and the row-range pass shared by the two activation kernels."""
 
-    def __init__(self, x, smooth, l1, config, signed, granule=1):
+    def __init__(self, x, smooth, l1, config, signed, rotate, granule=1):
         if x.stride(-1) != 1:
             x = x.contiguous()
-        self.x, self.smooth = x, smooth
+        self.x, self.smooth, self.rotate = x, smooth, rotate
         self.m, self.k = m, k = x.shape
+        if rotate:
+            if k % ROTATION_BLOCK:
+                raise ValueError(f"the rotation works on blocks of {ROTATION_BLOCK} channels; K = {k}")
+            granule = max(granule, ROTATION_BLOCK)  # a tile holds whole blocks
         self.r = r = 0 if l1 is None else l1.shape[1]
         if r and (r % 16 or l1.shape[0] != k or not l1.is_contiguous()):
             raise ValueError(f"the low-rank factor must be contiguous [K={k}, R] with R a multiple "
@@ -198,7 +234,7 @@ class _Launch:
         self.lo = x.new_empty(self.chunks, m, dtype=torch.float32) if signed else self.hi
         _row_range_kernel[self.grid](
             x, self.smooth_arg, self.hi, self.lo, m, k, x.stride(0),
-            HAS_SMOOTH=smooth is not None, SIGNED=signed, CHUNK=cfg["CHUNK"],
+            HAS_SMOOTH=smooth is not None, ROTATE=rotate, SIGNED=signed, CHUNK=cfg["CHUNK"],
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
             enable_fp_fusion=False)
 
@@ -207,7 +243,7 @@ class _Launch:
         return self.smooth if self.smooth is not None else self.dummy
 
     def common(self) -> dict:
-        return dict(HAS_SMOOTH=self.smooth is not None, R=self.r,
+        return dict(HAS_SMOOTH=self.smooth is not None, ROTATE=self.rotate, R=self.r,
                     IEEE=self.x.dtype == torch.float32, CHUNKS_P2=triton.next_power_of_2(self.chunks),
                     enable_fp_fusion=False, **self.cfg)
 
@@ -219,9 +255,11 @@ class _Launch:
 
 
 def act_quant_group(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None, *,
-                    group: int = 64, levels: int = 16, bits: int = 4, config: dict | None = None):
-    """x [M, K] -> (a int8 [M, K] = code * multiplier, unit fp32 [M], xl1 fp32 [M, R] or None)."""
-    run = _Launch(x, smooth, l1, config, signed=False, granule=group)
+                    group: int = 64, levels: int = 16, bits: int = 4, rotate: bool = False,
+                    config: dict | None = None):
+    """x [M, K] -> (a int8 [M, K] = code * multiplier, unit fp32 [M], xl1 fp32 [M, R] or None);
+    `rotate`: x / λ is first multiplied by the block Hadamard matrix (vqz/nn/rotation.py)."""
+    run = _Launch(x, smooth, l1, config, signed=False, rotate=rotate, granule=group)
     a = torch.empty(run.m, run.k, device=x.device, dtype=torch.int8)
     unit = torch.empty(run.m, device=x.device, dtype=torch.float32)
     _act_group_kernel[run.grid](
@@ -233,10 +271,10 @@ def act_quant_group(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tens
 
 
 def act_quant_token(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None, *,
-                    mode: str, config: dict | None = None):
+                    mode: str, rotate: bool = False, config: dict | None = None):
     """x [M, K] -> (a [M, K] int8 or float8_e4m3fn, scale fp32 [M], zero point fp32 [M] minus 128
-    (mode "int8-asym") or None, xl1 fp32 [M, R] or None)."""
-    run = _Launch(x, smooth, l1, config, signed=mode == "int8-asym")
+    (mode "int8-asym") or None, xl1 fp32 [M, R] or None); `rotate` as in act_quant_group."""
+    run = _Launch(x, smooth, l1, config, signed=mode == "int8-asym", rotate=rotate)
     dtype = torch.float8_e4m3fn if mode == "e4m3" else torch.int8
     a = torch.empty(run.m, run.k, device=x.device, dtype=dtype)
     scale = torch.empty(run.m, device=x.device, dtype=torch.float32)

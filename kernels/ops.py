@@ -16,9 +16,10 @@ def _empty(like: torch.Tensor, *shape) -> torch.Tensor:
 
 
 def _act_quant_group(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None,
-                    group: int, levels: int, bits: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]:
-    a, unit, xl1 = reference.act_quant_group(x, smooth, l1, group=group, levels=levels, bits=bits)
+                    group: int, levels: int, bits: int,
+                    rotate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a, unit, xl1 = reference.act_quant_group(x, smooth, l1, group=group, levels=levels, bits=bits,
+                                             rotate=rotate)
     return a, unit, xl1 if xl1 is not None else _empty(x, x.shape[0], 0)
 
 
@@ -26,15 +27,16 @@ act_quant_group = torch.library.custom_op("vqz::act_quant_group", mutates_args=(
 
 
 @act_quant_group.register_fake
-def _(x, smooth, l1, group, levels, bits):
+def _(x, smooth, l1, group, levels, bits, rotate):
     m, k = x.shape
     r = 0 if l1 is None else l1.shape[1]
     return (x.new_empty(m, k, dtype=torch.int8), _empty(x, m), _empty(x, m, r))
 
 
 def _act_quant_token(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None,
-                    mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    a, scale, zp, xl1 = reference.act_quant_token(x, smooth, l1, mode=mode)
+                    mode: str,
+                    rotate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a, scale, zp, xl1 = reference.act_quant_token(x, smooth, l1, mode=mode, rotate=rotate)
     return (a, scale, zp if zp is not None else _empty(x),
             xl1 if xl1 is not None else _empty(x, x.shape[0], 0))
 
@@ -43,7 +45,7 @@ act_quant_token = torch.library.custom_op("vqz::act_quant_token", mutates_args=(
 
 
 @act_quant_token.register_fake
-def _(x, smooth, l1, mode):
+def _(x, smooth, l1, mode, rotate):
     m, k = x.shape
     r = 0 if l1 is None else l1.shape[1]
     dtype = torch.float8_e4m3fn if mode == "e4m3" else torch.int8
@@ -105,13 +107,14 @@ def _register_triton() -> None:
     from . import int8_gemm as gemm
 
     @act_quant_group.register_kernel("cuda")
-    def _(x, smooth, l1, group, levels, bits):
-        a, unit, xl1 = act_quant.act_quant_group(x, smooth, l1, group=group, levels=levels, bits=bits)
+    def _(x, smooth, l1, group, levels, bits, rotate):
+        a, unit, xl1 = act_quant.act_quant_group(x, smooth, l1, group=group, levels=levels, bits=bits,
+                                                 rotate=rotate)
         return a, unit, xl1 if xl1 is not None else _empty(x, x.shape[0], 0)
 
     @act_quant_token.register_kernel("cuda")
-    def _(x, smooth, l1, mode):
-        a, scale, zp, xl1 = act_quant.act_quant_token(x, smooth, l1, mode=mode)
+    def _(x, smooth, l1, mode, rotate):
+        a, scale, zp, xl1 = act_quant.act_quant_token(x, smooth, l1, mode=mode, rotate=rotate)
         return (a, scale, zp if zp is not None else _empty(x),
                 xl1 if xl1 is not None else _empty(x, x.shape[0], 0))
 

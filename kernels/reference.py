@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from vqz.config import QuantSpec
 from vqz.formats import unpack_codes
-from vqz.nn.smoothing import smooth_input
+from vqz.nn.rotation import quantizer_input
 from vqz.quantizer import Quantizer
 
 
@@ -21,9 +21,9 @@ def _lowrank_down(xs: torch.Tensor, l1: torch.Tensor | None) -> torch.Tensor | N
     return None if l1 is None else xs.float() @ l1.float()
 
 
-def act_quant_group(x, smooth, l1, *, group=64, levels=16, bits=4):
+def act_quant_group(x, smooth, l1, *, group=64, levels=16, bits=4, rotate=False):
     """Reference of kernels.act_quant.act_quant_group: (a = code * multiplier, unit, xl1)."""
-    xs = smooth_input(x, smooth)
+    xs = quantizer_input(x, smooth, rotate)
     spec = QuantSpec(f"int{bits}", "group", group, dynamic=True, int_group_scales=levels)
     q = Quantizer(spec).quantize(xs)
     mult = _per_column(q["group_scale"], group, x.shape[-1])
@@ -31,9 +31,9 @@ def act_quant_group(x, smooth, l1, *, group=64, levels=16, bits=4):
     return a, q["scale"].reshape(-1), _lowrank_down(xs, l1)
 
 
-def act_quant_token(x, smooth, l1, *, mode):
+def act_quant_token(x, smooth, l1, *, mode, rotate=False):
     """Reference of kernels.act_quant.act_quant_token: (a, scale, zero point - 128 or None, xl1)."""
-    xs = smooth_input(x, smooth)
+    xs = quantizer_input(x, smooth, rotate)
     fmt = "e4m3" if mode == "e4m3" else "int8"
     q = Quantizer(QuantSpec(fmt, "token", dynamic=True, symmetric=mode != "int8-asym")).quantize(xs)
     zp = None

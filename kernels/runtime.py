@@ -62,7 +62,7 @@ def _act_mode(spec) -> str | None:
 def kernel_kind(layer) -> str | None:
     """"int8", "fp8", "w4a16" or None (reference only) for a QuantLinear's specs."""
     w, a = layer.weight_spec, layer.act_spec
-    if w is None or (layer.rank and layer.rank > MAX_RANK) or layer.rotate:
+    if w is None or (layer.rank and layer.rank > MAX_RANK):
         return None
     mode = _act_mode(a)
     if mode in ("int8", "int8-asym", "group") and _weight_as_int8(w):
@@ -168,7 +168,8 @@ def run(layer, x: torch.Tensor) -> torch.Tensor:
         y = _op("w4a16_gemm", x.device)(x2, qw.codes, qw.scale, qw.k,
                                         layer.weight_spec.group_size, bias)
     elif layer.kernel_kind == "fp8":
-        a, scale, _, _ = _op("act_quant_token", x.device)(x2, layer.smooth, None, "e4m3")
+        a, scale, _, _ = _op("act_quant_token", x.device)(x2, layer.smooth, None, "e4m3",
+                                                          layer.rotate)
         y = torch._scaled_mm(a, layer.kernel_weight.t(), scale_a=scale[:, None],
                              scale_b=layer.kernel_wscale, bias=bias, out_dtype=x.dtype)
     else:
@@ -181,10 +182,12 @@ def _run_int8(layer, x, bias):
     spec = layer.act_spec
     if spec.granularity == "group":
         a, scale, xl1 = _op("act_quant_group", x.device)(x, layer.smooth, l1, spec.group_size,
-                                            spec.int_group_scales, spec.fmt.bits)
+                                                         spec.int_group_scales, spec.fmt.bits,
+                                                         layer.rotate)
         zp = None
     else:
-        a, scale, zp, xl1 = _op("act_quant_token", x.device)(x, layer.smooth, l1, _act_mode(spec))
+        a, scale, zp, xl1 = _op("act_quant_token", x.device)(x, layer.smooth, l1, _act_mode(spec),
+                                                             layer.rotate)
         zp = zp if zp.numel() else None
     weight = layer.kernel_weight
     if weight is None:

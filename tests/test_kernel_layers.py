@@ -28,7 +28,8 @@ def _two_level(name):
 
 
 CONFIGS = {"w4a4-svd two-level": get_preset("w4a4-svd-fast"), "w4a4 two-level": _two_level("w4a4"),
-           "w4a8 two-level": _two_level("w4a8"), "w8a8": get_preset("w8a8")}
+           "w4a8 two-level": _two_level("w4a8"), "w8a8": get_preset("w8a8"),
+           "w4a4-svd two-level rotated": replace(get_preset("w4a4-svd-fast"), rotate=True)}
 
 
 def _quantized(mlp, cfg):
@@ -80,9 +81,12 @@ def test_kernel_kind_per_preset(mlp):
     learned_clip = get_preset("w8a8").with_overrides(
         act=replace(get_preset("w8a8").act, learnable=True))  # a QAT export: no kernel knows the clip
     kinds["learned clip"] = kernel_kind(_layers(_quantized(copy.deepcopy(mlp), learned_clip))[0])
-    kinds["two-level"] = kernel_kind(_layers(_quantized(mlp, CONFIGS["w4a4-svd two-level"]))[0])
+    for name in ["two-level", "two-level rotated"]:
+        layer = _layers(_quantized(copy.deepcopy(mlp), CONFIGS[f"w4a4-svd {name}"]))[0]
+        kinds[name] = kernel_kind(layer)
     assert kinds == {"w4a4-svd": None, "w8a8": "int8", "fp8": "fp8", "w4a16": "w4a16",
-                     "w8a8-static": None, "nvfp4-svd": None, "learned clip": None, "two-level": "int8"}
+                     "w8a8-static": None, "nvfp4-svd": None, "learned clip": None, "two-level": "int8",
+                     "two-level rotated": "int8"}
 
 
 def test_unknown_layout_is_refused(mlp):

@@ -67,6 +67,30 @@ def test_token_activation_kernel_matches_quantizer(m, mode):
     _branch_close(xl1, rxl1)
 
 
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotated_activation_kernels_match_the_quantizer(m, dtype):
+    """The block-Hadamard rotation done in registers gives the reference's codes: the same
+    butterflies in the same order (vqz/nn/rotation.py)."""
+    k = 320  # five blocks of 64: the last tile of 128 columns is half outside the matrix
+    x = _x(m, k, dtype)
+    lam = (torch.rand(k) + 0.5).to(DEVICE)
+    l1 = torch.randn(k, 16).to(DEVICE, dtype)
+    a, unit, xl1 = _twice(act_quant.act_quant_group, x, lam, l1, rotate=True)
+    ra, runit, rxl1 = reference.act_quant_group(x, lam, l1, rotate=True)
+    assert torch.equal(a, ra) and torch.equal(unit, runit)
+    assert not torch.equal(a, act_quant.act_quant_group(x, lam, l1)[0])
+    _branch_close(xl1, rxl1)
+    for mode in ["int8", "int8-asym"]:
+        got = _twice(act_quant.act_quant_token, x, lam, l1, mode=mode, rotate=True)
+        want = reference.act_quant_token(x, lam, l1, mode=mode, rotate=True)
+        for g, w in zip(got[:3], want[:3]):
+            assert g is None and w is None or torch.equal(g, w)
+        _branch_close(got[3], want[3])
+    with pytest.raises(ValueError, match="blocks of 64"):
+        act_quant.act_quant_group(_x(m, K_AWKWARD, dtype), None, None, rotate=True)
+
+
 def _int8(shape, seed):
     return torch.randint(-128, 128, shape, generator=torch.Generator().manual_seed(seed),
                          dtype=torch.int8).to(DEVICE)

@@ -90,13 +90,12 @@ def test_rotated_layer_without_rounding_error_is_the_original_function():
     assert q.fc1.rotate and torch.allclose(q.fc1(x), fp.fc1(x), rtol=0.02, atol=0.02)
 
 
-def test_rotated_model_round_trips_and_stays_off_the_kernels(tmp_path):
+def test_rotated_model_round_trips_and_takes_the_kernels(tmp_path):
     fp = _Net().eval()
     xs = _inputs()
     q = vqz.quantize(copy.deepcopy(fp), replace(get_preset("w4a4-svd-fast"), rank=16, rotate=True),
                      calib=xs)
-    # the GPU kernels do not rotate: rotated layers take the reference path
-    assert kernel_kind(q.fc1) is None and kernel_kind(q.fc3) == "int8"
+    assert kernel_kind(q.fc1) == "int8" and q.fc1.rotate  # the activation kernels rotate too
     vqz.save(q, tmp_path / "q")
     loaded = vqz.load(_Net().eval(), tmp_path / "q")
     assert loaded.fc1.rotate and not loaded.fc3.rotate

@@ -206,7 +206,7 @@ class QuantConfig:
     rotate: rotate the input of every Linear layer with dynamic activations and K a multiple of 64
     by a block-diagonal Hadamard matrix (blocks of 64), the weight rotated to match (after
     smoothing, vqz/nn/rotation.py): outlier channels are spread over their block before 4-bit
-    rounding. Runs on the pure-torch path (the GPU kernels do not rotate yet).
+    rounding. The activation kernels rotate in registers, with the same codes.
     """
 
     name: str = "custom"

@@ -263,7 +263,7 @@ def _describe(spec) -> str:
 
 def _describe_act(plan) -> str:
     if plan.probs is None:
-        return _describe(plan.act)
+        return _describe(plan.act) + (", rotated" if plan.rotate else "")
     return f"qkv {_describe(plan.act)}, softmax {_describe(plan.probs)}"
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from .config import qat_presets
@@ -17,20 +18,23 @@ def _qat(args) -> int:
     from .config import get_qat_preset
     from .pipelines.loading import SOURCE_NAME, load_pipeline
 
-    get_qat_preset(args.preset)  # fail on a bad name before loading the model
+    recipe = get_qat_preset(args.preset)  # fails on a bad name before the model loads
+    recipe = replace(recipe, smooth=recipe.smooth or args.smooth, rotate=recipe.rotate or args.rotate)
     pipe, source = load_pipeline(args.model, getattr(torch, DTYPES[args.dtype]))
     pipe.to(args.device)
     prompts = read_prompts(args.prompts) if args.prompts else default_prompts()
     data = pipeline_forward_loop(pipe, prompts, num_inference_steps=args.inference_steps,
                                  max_prompts=args.prompt_count)
     out = Path(args.out)
-    log = vqz.train_qat(pipe, args.preset, data=data, steps=args.steps, lr=args.lr,
+    log = vqz.train_qat(pipe, recipe, data=data, steps=args.steps, lr=args.lr,
                         decay_every=args.decay_every, accumulate=args.accumulate,
                         gradient_checkpointing=args.gradient_checkpointing,
                         spike_threshold=args.spike_threshold, out=out / "training",
                         checkpoint_every=args.checkpoint_every, resume=args.resume)
     file = vqz.save(pipe, out)
-    (out / SOURCE_NAME).write_text(json.dumps({**source, "preset": args.preset}, indent=2))
+    (out / SOURCE_NAME).write_text(json.dumps({**source, "preset": args.preset,
+                                               "smooth": recipe.smooth, "rotate": recipe.rotate},
+                                              indent=2))
     print(vqz.summary(pipe))
     print(f"\n{len(log.losses)} steps, final loss {log.losses[-1]:.4g}, "
           f"{log.samples_per_second:.1f} samples/s; wrote {file} and {out / SOURCE_NAME}")
@@ -52,7 +56,10 @@ def add_qat_parser(sub) -> None:
     p.add_argument("--prompt-count", type=int, default=32, help="prompts to generate from (default 32)")
     p.add_argument("--inference-steps", type=int, help="denoising steps per prompt (default: the "
                    "pipeline's)")
-    p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--smooth", action="store_true", help="SVDQuant smoothing, kept at inference")
+    p.add_argument("--rotate", action="store_true", help="block-Hadamard rotation of the inputs "
+                   "(layers with a channel count divisible by 64)")
     p.add_argument("--decay-every", type=int, help="steps per rank halving (default: the decay "
                    "spread over the first 75%% of the steps)")
     p.add_argument("--accumulate", type=int, default=1, help="denoiser calls per optimizer step")

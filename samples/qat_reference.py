@@ -50,7 +50,8 @@ def main():
     p.add_argument("--n", type=int, default=32, help="evaluation images")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--smooth", action="store_true", help="w4a4-qat with SVDQuant smoothing")
-    p.add_argument("--rotate", action="store_true", help="w4a4-qat with block-Hadamard rotation")
+    p.add_argument("--no-rotate", action="store_true", help="w4a4-qat without its block-Hadamard "
+                   "rotation")
     p.add_argument("--curve-only", action="store_true", help="train and write the loss log only")
     p.add_argument("--out", help="checkpoints and the loss log")
     p.add_argument("--json")
@@ -62,7 +63,7 @@ def main():
     fp = load_reference("dit").to(state.device)
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "processes": state.num_processes, "steps": args.steps, "lr": args.lr, "smooth": args.smooth,
-               "rotate": args.rotate}
+               "rotate": not args.no_rotate}
     reference = None
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
@@ -74,7 +75,7 @@ def main():
         print(f"PTQ w4a4-svd: {results['ptq_w4a4_svd']}", flush=True)
     student = copy.deepcopy(fp)
     start = time.perf_counter()
-    recipe = replace(get_qat_preset("w4a4-qat"), smooth=args.smooth, rotate=args.rotate)
+    recipe = replace(get_qat_preset("w4a4-qat"), smooth=args.smooth, rotate=not args.no_rotate)
     log = vqz.train_qat(student, recipe, data=trajectories(args.calls, args.batch, args.sample_steps),
                         steps=args.steps, lr=args.lr, accumulate=args.accumulate, out=args.out)
     results["qat_seconds"] = time.perf_counter() - start

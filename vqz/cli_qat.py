@@ -1,6 +1,7 @@
 """`vqz qat`: quantization-aware training of a diffusers pipeline's denoiser on its own trajectories."""
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,8 @@ def _qat(args) -> int:
     from .pipelines.loading import SOURCE_NAME, load_pipeline
 
     recipe = get_qat_preset(args.preset)  # fails on a bad name before the model loads
-    recipe = replace(recipe, smooth=recipe.smooth or args.smooth, rotate=recipe.rotate or args.rotate)
+    recipe = replace(recipe, **{name: value for name in ("smooth", "rotate")
+                                if (value := getattr(args, name)) is not None})
     pipe, source = load_pipeline(args.model, getattr(torch, DTYPES[args.dtype]))
     pipe.to(args.device)
     prompts = read_prompts(args.prompts) if args.prompts else default_prompts()
@@ -57,9 +59,11 @@ def add_qat_parser(sub) -> None:
     p.add_argument("--inference-steps", type=int, help="denoising steps per prompt (default: the "
                    "pipeline's)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    p.add_argument("--smooth", action="store_true", help="SVDQuant smoothing, kept at inference")
-    p.add_argument("--rotate", action="store_true", help="block-Hadamard rotation of the inputs "
-                   "(layers with a channel count divisible by 64)")
+    p.add_argument("--smooth", action=argparse.BooleanOptionalAction, help="SVDQuant smoothing, "
+                   "kept at inference (default: the preset's, off)")
+    p.add_argument("--rotate", action=argparse.BooleanOptionalAction, help="block-Hadamard rotation "
+                   "of the inputs of layers with a channel count divisible by 64 (default: the "
+                   "preset's, on for w4a4-qat)")
     p.add_argument("--decay-every", type=int, help="steps per rank halving (default: the decay "
                    "spread over the first 75%% of the steps)")
     p.add_argument("--accumulate", type=int, default=1, help="denoiser calls per optimizer step")

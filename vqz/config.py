@@ -390,7 +390,7 @@ _PRESETS = {
 _QAT_PRESETS = {
     "w4a4-qat": QuantConfig("w4a4-qat", replace(_int_w(4, 64), learnable=True),
                             replace(_dyn_a("int4", 64, symmetric=False), learnable=True), rank=32,
-                            timestep_buckets=4),
+                            timestep_buckets=4, rotate=True),
     "w4a8-qat": QuantConfig("w4a8-qat", replace(_int_w(4, 64), learnable=True),
                             replace(_A8, learnable=True), rank=32, timestep_buckets=4),
 }
@@ -433,8 +433,8 @@ PRESET_DESCRIPTIONS = {
     "depth-w4a4": "depth: INT4 weights per output channel (MSE), INT4 polished activations, compensated "
                   "weights, learned rounding per block (200 steps)",
     "w4a4-qat": "QAT: INT4 group-64 weights with learned scales, INT4 group-64 dynamic "
-                "asymmetric activations with learned clip ratios per timestep range, rank-32 "
-                "auxiliary branch decayed to 0",
+                "asymmetric activations with learned clip ratios per timestep range, block-Hadamard "
+                "rotation of the inputs, rank-32 auxiliary branch decayed to 0",
     "w4a8-qat": "QAT: INT4 group-64 weights with learned scales, INT8 per-token asymmetric "
                 "activations with learned clip ratios per timestep range, rank-32 auxiliary branch "
                 "decayed to 0",

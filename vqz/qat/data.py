@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..calib.hooks import run_hooked
 from ..calib.sources import device_of, to_device
 from ..calib.timestep import timestep_of
 
@@ -35,7 +36,6 @@ def first_tensor(output) -> torch.Tensor:
     raise TypeError(f"cannot find the prediction tensor in a {type(output).__name__} output")
 
 
-@torch.no_grad()
 def record_calls(model: nn.Module, forward_loop: Callable[[], None]) -> list[Record]:
     """Run `forward_loop` and record every call of `model` (inputs and output, on the CPU)."""
     records = []
@@ -44,11 +44,7 @@ def record_calls(model: nn.Module, forward_loop: Callable[[], None]) -> list[Rec
         records.append(Record(to_device(args, "cpu"), to_device(kwargs, "cpu"),
                               first_tensor(output).detach().cpu(), timestep_of(module, args, kwargs)))
 
-    handle = model.register_forward_hook(hook, with_kwargs=True)
-    try:
-        forward_loop()
-    finally:
-        handle.remove()
+    run_hooked([model.register_forward_hook(hook, with_kwargs=True)], forward_loop)
     if not records:
         raise ValueError("the training data never called the model; pass prompts for a pipeline, "
                          "or batches of the model's inputs")

@@ -57,6 +57,7 @@ class QATLinear(nn.Module):
         self.register_buffer("smooth", None if smooth is None else smooth.float().to(w.device))
         self.register_buffer("fade", torch.ones(rank, device=w.device))
         self.register_buffer("phase", torch.tensor(-1, device=w.device))
+        self.live = rank > 0  # any direction of the branch not yet faded out (mirrors `fade`)
 
     @property
     def rank(self) -> int:
@@ -70,7 +71,7 @@ class QATLinear(nn.Module):
         xq = x if self.act_quantizer is None else self.act_quantizer(x)
         w = self.weight_quantizer(self.weight)
         y = F.linear(xq, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if self.rank:
+        if self.live:
             y = y + ((xq @ self.lora_down.to(x.dtype)) * self.fade.to(x.dtype)) @ self.lora_up.to(x.dtype)
         return y
 
@@ -92,6 +93,7 @@ class QATLinear(nn.Module):
         self.fade.zero_()
         self.fade[:kept] = 1.0
         self.fade[kept:kept + fading] = u
+        self.live = kept + fading > 0
 
     def to_quant_linear(self) -> QuantLinear:
         """The plain quantized layer (learned scales frozen, no branch); the branch must be gone."""

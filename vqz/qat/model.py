@@ -43,12 +43,13 @@ def apply_schedule(layers: list[QATLinear], schedule: RankSchedule, step: int) -
     kept, fading, u = schedule.state(step)
     phase = schedule.phase(step)
     key = -1 if step < schedule.start else (schedule.phases if phase is None else phase)
-    changed = False
-    for layer in layers:
-        if layer.rank and int(layer.phase) != key:
+    branched = [layer for layer in layers if layer.rank]
+    # the layers go through the phases together: one read of the phase (a device sync) per step
+    changed = bool(branched) and int(branched[0].phase) != key
+    for layer in branched:
+        if changed:
             layer.refactor(kept + fading)
             layer.phase.fill_(key)
-            changed = True
         layer.set_fade(kept, fading, u)
     return changed
 

@@ -47,7 +47,7 @@ class RankSchedule:
         if phases and int(steps * decay_fraction) < phases:
             raise ValueError(f"rank {rank} decays in {phases} phases, which need at least {phases} "
                              f"steps in the first {decay_fraction:.0%} of training; got {steps} steps")
-        return cls(rank, max(1, int(steps * decay_fraction) // phases) if phases else 1)
+        return cls(rank, int(steps * decay_fraction) // phases if phases else 1)
 
     @property
     def phases(self) -> int:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calib.sources import to_device
+from ..calib.sources import device_of, to_device
 from ..quantizer import Quantizer
 from .data import Record, first_tensor
 from .model import apply_schedule, qat_layers
@@ -92,7 +92,7 @@ def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity:
         raise ValueError(f"{type(model).__name__} has no enable_gradient_checkpointing(); "
                          f"train without gradient_checkpointing")
     optimizer = _optimizer(model, opts)
-    home = next(model.parameters()).device
+    home = device_of(model)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     try:
         if checkpointing:
@@ -149,7 +149,9 @@ def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: 
         ranks.append(kept + fading)
         if step % opts.log_every == 0 or step == opts.steps - 1:
             bar.set_postfix(loss=f"{loss_value:.4g}", rank=ranks[-1])
-        if opts.out and opts.checkpoint_every and (step + 1) % opts.checkpoint_every == 0:
+        # the last step's checkpoint is written by train(), after the schedule's final state
+        if opts.out and opts.checkpoint_every and (step + 1) % opts.checkpoint_every == 0 \
+                and step + 1 < opts.steps:
             save_checkpoint(accelerator, Path(opts.out) / f"checkpoint-{step + 1}", step + 1, identity)
     apply_schedule(layers, opts.schedule, opts.steps)
     return TrainLog(start, losses, ranks, time.perf_counter() - began, samples)

@@ -87,9 +87,14 @@ def _set(layer, name: str, value: torch.Tensor | None) -> None:
     layer.register_buffer(name, value, persistent=False)
 
 
+def padded_rank(rank: int) -> int:
+    """`rank` rounded up to a multiple of RANK_MULTIPLE."""
+    return rank + -rank % RANK_MULTIPLE
+
+
 def _padded_rank(t: torch.Tensor, dim: int) -> torch.Tensor:
     """The low-rank factor with its rank padded with zeros to a multiple of RANK_MULTIPLE."""
-    pad = -t.shape[dim] % RANK_MULTIPLE
+    pad = padded_rank(t.shape[dim]) - t.shape[dim]
     if not pad:
         return t.contiguous()
     return F.pad(t, (0, pad) if dim == 1 else (0, 0, 0, pad)).contiguous()
@@ -124,10 +129,17 @@ def prepare(layer, layout: str = DEFAULT_LAYOUT) -> bool:
     _set(layer, "kernel_wscale", qw.scale.reshape(-1).float().contiguous())
     asym = not layer.act_spec.symmetric
     _set(layer, "kernel_colsum", weight.float().sum(1) if asym else None)
+    prepare_branch(layer)
+    return True
+
+
+@torch.no_grad()
+def prepare_branch(layer) -> None:
+    """The kernels' copy of an int8 layer's low-rank branch, its rank padded to RANK_MULTIPLE (the
+    rest of the runtime layout does not depend on the branch)."""
     if layer.rank:
         _set(layer, "kernel_l1", _padded_rank(layer.lora_down.detach(), 1))
         _set(layer, "kernel_l2", _padded_rank(layer.lora_up.detach(), 0))
-    return True
 
 
 def prepare_model(model: torch.nn.Module, layout: str = DEFAULT_LAYOUT) -> int:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import STATE_ATTR, resolve_target
-from .kernels.runtime import MAX_RANK, RANK_MULTIPLE, kernel_kind, prepare
+from .kernels.runtime import MAX_RANK, kernel_kind, padded_rank, prepare, prepare_branch
 from .nn import QuantLinear, attention_wrapper
 from .nn.rotation import hadamard_rotate
 from .lora_files import DORA, group_factors, read_lora
@@ -89,8 +89,7 @@ class _Factors:
 
     @property
     def width(self) -> int:
-        r = self.down.shape[0]
-        return r + -r % RANK_MULTIPLE
+        return padded_rank(self.down.shape[0])
 
 
 # ---------------------------------------------------------------------------------------- public
@@ -141,9 +140,8 @@ def set_lora_scale(model_or_pipe, adapter_name: str, scale: float) -> None:
     for name, segment in adapter.layers.items():
         layer = target.get_submodule(name)
         start = _starts(state, name, layer)[adapter_name]
-        up = layer.lora_up.detach().clone()
-        up[start:start + segment.width] = _up_rows(segment, strength, up)
-        _set_branch(layer, layer.lora_down.detach(), up)
+        layer.lora_up.data[start:start + segment.width] = _up_rows(segment, strength, layer.lora_up)
+        _refresh_kernels(layer)
     adapter.scale = strength
 
 
@@ -343,9 +341,10 @@ def _remove(target: nn.Module, state: _LoraState, adapter_name: str) -> None:
     for name in list(adapter.layers):
         layer = target.get_submodule(name)
         start = _starts(state, name, layer)[adapter_name]
-        keep = torch.cat([torch.arange(start), torch.arange(start + adapter.layers[name].width,
-                                                             layer.rank)]).to(layer.lora_down.device)
-        _set_branch(layer, layer.lora_down.detach()[:, keep], layer.lora_up.detach()[keep])
+        end = start + adapter.layers[name].width
+        down, up = layer.lora_down.detach(), layer.lora_up.detach()
+        _set_branch(layer, torch.cat([down[:, :start], down[:, end:]], 1),
+                    torch.cat([up[:start], up[end:]]))
         del adapter.layers[name]
     del state.adapters[adapter_name]
     _unwrap_idle(target, state)
@@ -393,15 +392,24 @@ def _up_rows(segment: _Segment, strength: float, like: torch.Tensor) -> torch.Te
 
 
 def _set_branch(layer: QuantLinear, down: torch.Tensor, up: torch.Tensor) -> None:
-    """Make down [K, r] and up [r, N] the layer's branch (none when r = 0), and rebuild the
-    kernels' copy of it if the layer has one."""
+    """Make down [K, r] and up [r, N] the layer's branch (none when r = 0)."""
     grad = layer.lora_down.requires_grad if layer.lora_down is not None else True
     rank = down.shape[1]
     layer.lora_down = nn.Parameter(down, requires_grad=grad) if rank else None
     layer.lora_up = nn.Parameter(up, requires_grad=grad) if rank else None
     layer.rank = rank
-    if getattr(layer, "kernel_layout", None) is not None:
-        prepare(layer, layer.kernel_layout)
+    _refresh_kernels(layer)
+
+
+def _refresh_kernels(layer: QuantLinear) -> None:
+    """Bring the kernels' copy of the layer up to date with its branch, if the layer has one."""
+    layout = getattr(layer, "kernel_layout", None)
+    if layout is None:
+        return
+    if layer.kernel_kind == kernel_kind(layer) == "int8":
+        prepare_branch(layer)  # the weights' runtime layout stays as it is
+    else:
+        prepare(layer, layout)
 
 
 def _wrap(target: nn.Module, state: _LoraState, name: str, linear: nn.Linear,

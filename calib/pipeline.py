@@ -64,7 +64,7 @@ def pipeline_forward_loop(pipe, prompts, *, num_inference_steps: int | None = No
     def loop(pipeline=None) -> None:
         if pipeline is not None and pipeline is not pipe:
             raise ValueError("this calibration loop was built for another pipeline")
-        with _inner_progress_bars_off(pipe), tqdm(total=len(prompts), desc="vqz calibration",
+        with inner_progress_bars_off(pipe), tqdm(total=len(prompts), desc="vqz calibration",
                                                   unit="prompt", leave=False) as bar:
             for i, batch in enumerate(batches):
                 pipe(prompt=batch, generator=torch.Generator().manual_seed(seed + i), **kwargs)
@@ -95,7 +95,7 @@ def _call_options(pipe, **options) -> dict:
 
 
 @contextmanager
-def _inner_progress_bars_off(pipe):
+def inner_progress_bars_off(pipe):
     """Silences the pipeline's own per-call step bar (one bar per prompt batch would flood the
     output) while the loop's bar runs, then puts the pipeline's setting back."""
     if not hasattr(pipe, "set_progress_bar_config"):

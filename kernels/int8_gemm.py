@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATIONS = {None: 0, "gelu_tanh": 1, "gelu": 2, "silu": 3}
+from .reference import ACTIVATION_NAMES
+
+ACTIVATIONS = {name: code for code, name in enumerate(ACTIVATION_NAMES)}
 
 
 @triton.jit

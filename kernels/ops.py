@@ -57,7 +57,7 @@ def _(x, smooth, l1, mode, rotate):
 # `str?` and `ScalarType` arguments the op failed in the dispatcher ("vector::reserve") once
 # diffusers pipelines had run in the process (torch 2.11, CUDA).
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ACTIVATION_NAMES = (None, "gelu_tanh", "gelu", "silu")
+ACTIVATION_NAMES = reference.ACTIVATION_NAMES
 
 
 def _int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,

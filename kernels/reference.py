@@ -47,6 +47,10 @@ def act_quant_token(x, smooth, l1, *, mode, rotate=False):
     return a, q["scale"].reshape(-1), zp, _lowrank_down(xs, l1)
 
 
+# The GEMM epilogue's activations; the custom op and the kernel name them by index in this tuple.
+ACTIVATION_NAMES = (None, "gelu_tanh", "gelu", "silu")
+
+
 def activation(y: torch.Tensor, name: str | None) -> torch.Tensor:
     if name is None:
         return y

@@ -12,8 +12,8 @@ from dataclasses import replace
 from quality_table import evaluate_dit, quality_run
 from vqz.config import get_preset
 
-W4A4_ASYM = replace(get_preset("w4a4"), name="w4a4-asym",
-                    act=replace(get_preset("w4a4").act, symmetric=False))
+W4A4 = get_preset("w4a4")
+W4A4_ASYM = replace(W4A4, name="w4a4-asym", act=replace(W4A4.act, symmetric=False))
 RECIPES = [("w4a4", "w4a4"), ("w4a4, asymmetric activations", W4A4_ASYM), ("w4a4-svd", "w4a4-svd"),
            ("w4a8", "w4a8")]
 VARIANTS = [(f"{label}{suffix}", recipe, {"rotate": rotate}) for label, recipe in RECIPES

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..calib.pipeline import inner_progress_bars_off
 from .clip_score import DEFAULT_CLIP, clip_scorer
 from .features import MetricUnavailable
 from .generation import generate
@@ -22,7 +23,7 @@ def render_set(pipe, prompts: list[str], n: int, folder: Path, state, seed: int 
     """Images 0..n-1 of the set into `folder`: image i from prompts[i % len(prompts)] with seed
     seed + i, saved as <i>.png (a video as <i>/<frame>.png); this process renders its share."""
     folder.mkdir(parents=True, exist_ok=True)
-    with state.split_between_processes(list(range(n))) as mine:
+    with state.split_between_processes(list(range(n))) as mine, inner_progress_bars_off(pipe):
         for i in tqdm(mine, desc=f"{folder.name} images", unit="image",
                       disable=not state.is_local_main_process):
             images, video = generate(pipe, prompts[i % len(prompts)], seed + i, **options)

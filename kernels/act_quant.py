@@ -1,13 +1,16 @@
 """Activation kernels: one pass of quantization over a 16-bit input x [M, K], per row block.
 
 Each program owns BLOCK_M rows. It reads them twice, back to back (the second read comes from L2):
-once for the row range, once to write the int8 operand of the GEMM and, for SVDQuant layers, the
-fp32 down-projection `x̂ L1` of the low-rank branch. No atomics: every output has one writer, so the
-results are bitwise identical run to run. The arithmetic is the quantizer's, operation for operation:
-scales are ranges times the reciprocal of the largest code, values are multiplied by the reciprocal
-of their scale (one correctly rounded division per scale, none per element), rounding is
-half-to-even, and fp fusion is off (no FMA contraction), so codes match vqz's pure-torch quantizer
-exactly (kernels/reference.py).
+once for the row range, once to write the int8 operand of the GEMM. No atomics: every output has one
+writer, so the results are bitwise identical run to run. The arithmetic is the quantizer's,
+operation for operation: scales are ranges times the reciprocal of the largest code, values are
+multiplied by the reciprocal of their scale (one correctly rounded division per scale, none per
+element), rounding is half-to-even, and fp fusion is off (no FMA contraction), so codes match vqz's
+pure-torch quantizer exactly (kernels/reference.py).
+
+The low-rank branch's down-projection is not computed here: as an MMA inside this kernel it cost
+2.4-4x the kernel itself on Hopper (FLUX qkv at 1024²: 62-84 us against 26 us), while cuBLAS does
+x (λ⁻¹ L1) in 10 us (kernels/runtime.py).
 """
 from __future__ import annotations
 
@@ -66,30 +69,9 @@ def _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH: t
 
 
 @triton.jit
-def _lowrank_step(acc, xs, l1_ptr, cols, K, R: tl.constexpr, IEEE: tl.constexpr):
-    """acc [BM, R] += xs [BM, BK] @ L1[cols, :] with fp32 accumulation."""
-    l1 = tl.load(l1_ptr + cols[:, None] * R + tl.arange(0, R)[None, :], mask=cols[:, None] < K,
-                 other=0.0).to(xs.dtype)
-    if IEEE:
-        return tl.dot(xs, l1, acc, input_precision="ieee")
-    return tl.dot(xs, l1, acc)
-
-
-@triton.jit
-def _store_codes(a_ptr, a, acc, xs, l1_ptr, rows, cols, M, K, R: tl.constexpr, IEEE: tl.constexpr):
-    """Write one tile of codes; advance the chunk's down-projection when there is a branch."""
+def _store_codes(a_ptr, a, rows, cols, M, K):
     tl.store(a_ptr + rows[:, None] * K + cols[None, :], a,
              mask=(rows[:, None] < M) & (cols[None, :] < K))
-    if R > 0:
-        acc = _lowrank_step(acc, xs, l1_ptr, cols, K, R, IEEE)
-    return acc
-
-
-@triton.jit
-def _store_lowrank(xl1_ptr, acc, chunk, rows, M, R: tl.constexpr):
-    if R > 0:
-        tl.store(xl1_ptr + (chunk * M + rows[:, None]) * R + tl.arange(0, R)[None, :], acc,
-                 mask=rows[:, None] < M)
 
 
 @triton.jit
@@ -128,14 +110,13 @@ def _gather_range(part_ptr, rows, M, CHUNKS, CHUNKS_P2: tl.constexpr, SIGN: tl.c
 
 
 @triton.jit
-def _act_group_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, a_ptr, unit_ptr, xl1_ptr, M, K,
-                      stride_xm, CHUNKS, HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr,
-                      R: tl.constexpr, IEEE: tl.constexpr, GROUP: tl.constexpr, LEVELS: tl.constexpr,
+def _act_group_kernel(x_ptr, smooth_ptr, hi_ptr, a_ptr, unit_ptr, M, K, stride_xm, CHUNKS,
+                      HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, GROUP: tl.constexpr,
+                      LEVELS: tl.constexpr,
                       QMIN: tl.constexpr, QMAX: tl.constexpr, CHUNK: tl.constexpr,
                       CHUNKS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Symmetric INT codes per token per group with two-level scales, for one K chunk of a row
-    block: a = code * multiplier (int8), unit [M] fp32 (chunk 0 writes it); with R > 0 the chunk's
-    part of (x / λ) L1 -> xl1 [chunks, M, R] fp32."""
+    block: a = code * multiplier (int8), unit [M] fp32 (chunk 0 writes it)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = tl.program_id(1)
     amax = _gather_range(hi_ptr, rows, M, CHUNKS, CHUNKS_P2, 1)
@@ -143,7 +124,6 @@ def _act_group_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, a_ptr, unit_ptr, xl1_pt
     if chunk == 0:
         tl.store(unit_ptr + rows, unit, mask=rows < M)
 
-    acc = tl.zeros([BLOCK_M, R if R > 0 else 16], tl.float32)
     for k0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         xs = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH, ROTATE,
@@ -155,14 +135,13 @@ def _act_group_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, a_ptr, unit_ptr, xl1_pt
         code = _rne(v * tl.math.div_rn(1.0, unit[:, None] * mult)[:, :, None])
         code = tl.minimum(tl.maximum(code, QMIN), QMAX)
         a = tl.reshape(code * mult[:, :, None], [BLOCK_M, BLOCK_K]).to(tl.int8)
-        acc = _store_codes(a_ptr, a, acc, xs, l1_ptr, rows, cols, M, K, R, IEEE)
-    _store_lowrank(xl1_ptr, acc, chunk, rows, M, R)
+        _store_codes(a_ptr, a, rows, cols, M, K)
 
 
 @triton.jit
-def _act_token_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, lo_ptr, a_ptr, scale_ptr, zp_ptr, xl1_ptr,
-                      M, K, stride_xm, CHUNKS, HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr,
-                      R: tl.constexpr, IEEE: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
+def _act_token_kernel(x_ptr, smooth_ptr, hi_ptr, lo_ptr, a_ptr, scale_ptr, zp_ptr, M, K, stride_xm,
+                      CHUNKS, HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, MODE: tl.constexpr,
+                      CHUNK: tl.constexpr,
                       CHUNKS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """One scale per token, for one K chunk of a row block. MODE 0: symmetric int8; 1: asymmetric
     int8, stored as code - 128 with zero point - 128 (the GEMM corrects with W's column sums);
@@ -183,7 +162,6 @@ def _act_token_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, lo_ptr, a_ptr, scale_pt
     if chunk == 0:
         tl.store(scale_ptr + rows, scale, mask=rows < M)
 
-    acc = tl.zeros([BLOCK_M, R if R > 0 else 16], tl.float32)
     for k0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         xs = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH, ROTATE,
@@ -195,8 +173,7 @@ def _act_token_kernel(x_ptr, smooth_ptr, l1_ptr, hi_ptr, lo_ptr, a_ptr, scale_pt
             a = tl.minimum(tl.maximum(v, -448.0), 448.0).to(tl.float8e4nv)
         else:
             a = tl.minimum(tl.maximum(_rne(v), -128.0), 127.0).to(tl.int8)
-        acc = _store_codes(a_ptr, a, acc, xs, l1_ptr, rows, cols, M, K, R, IEEE)
-    _store_lowrank(xl1_ptr, acc, chunk, rows, M, R)
+        _store_codes(a_ptr, a, rows, cols, M, K)
 
 
 TOKEN_MODES = {"int8": 0, "int8-asym": 1, "e4m3": 2}
@@ -208,7 +185,7 @@ ACT_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, CHUNK=512, num_warps=4)  # best on H1
 class _Launch:
     """Shapes, outputs and the row-range pass shared by the two activation kernels."""
 
-    def __init__(self, x, smooth, l1, config, signed, rotate, granule=1):
+    def __init__(self, x, smooth, config, signed, rotate, granule=1):
         if x.stride(-1) != 1:
             x = x.contiguous()
         self.x, self.smooth, self.rotate = x, smooth, rotate
@@ -217,10 +194,6 @@ class _Launch:
             if k % ROTATION_BLOCK:
                 raise ValueError(f"the rotation works on blocks of {ROTATION_BLOCK} channels; K = {k}")
             granule = max(granule, ROTATION_BLOCK)  # a tile holds whole blocks
-        self.r = r = 0 if l1 is None else l1.shape[1]
-        if r and (r % 16 or l1.shape[0] != k or not l1.is_contiguous()):
-            raise ValueError(f"the low-rank factor must be contiguous [K={k}, R] with R a multiple "
-                             f"of 16, got {tuple(l1.shape)}")
         cfg = dict(config or ACT_CONFIG)
         cfg["BLOCK_K"] = max(granule, cfg["BLOCK_K"] // granule * granule)
         cfg["CHUNK"] = max(cfg["BLOCK_K"], cfg["CHUNK"] // cfg["BLOCK_K"] * cfg["BLOCK_K"])
@@ -228,8 +201,6 @@ class _Launch:
         self.chunks = triton.cdiv(k, cfg["CHUNK"])
         self.grid = (triton.cdiv(m, cfg["BLOCK_M"]), self.chunks)
         self.dummy = x.new_empty(0)
-        self.l1 = l1 if r else self.dummy
-        self.xl1_parts = x.new_empty(self.chunks, m, r, dtype=torch.float32) if r else None
         self.hi = x.new_empty(self.chunks, m, dtype=torch.float32)
         self.lo = x.new_empty(self.chunks, m, dtype=torch.float32) if signed else self.hi
         _row_range_kernel[self.grid](
@@ -243,44 +214,35 @@ class _Launch:
         return self.smooth if self.smooth is not None else self.dummy
 
     def common(self) -> dict:
-        return dict(HAS_SMOOTH=self.smooth is not None, ROTATE=self.rotate, R=self.r,
-                    IEEE=self.x.dtype == torch.float32, CHUNKS_P2=triton.next_power_of_2(self.chunks),
+        return dict(HAS_SMOOTH=self.smooth is not None, ROTATE=self.rotate, CHUNKS_P2=triton.next_power_of_2(self.chunks),
                     enable_fp_fusion=False, **self.cfg)
 
-    def xl1(self):
-        """The chunks' partial down-projections, added in a fixed order (deterministic)."""
-        if not self.r:
-            return None
-        return self.xl1_parts[0] if self.chunks == 1 else self.xl1_parts.sum(0)
 
-
-def act_quant_group(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None, *,
-                    group: int = 64, levels: int = 16, bits: int = 4, rotate: bool = False,
+def act_quant_group(x: torch.Tensor, smooth: torch.Tensor | None, *, group: int = 64,
+                    levels: int = 16, bits: int = 4, rotate: bool = False,
                     config: dict | None = None):
-    """x [M, K] -> (a int8 [M, K] = code * multiplier, unit fp32 [M], xl1 fp32 [M, R] or None);
-    `rotate`: x / λ is first multiplied by the block Hadamard matrix (vqz/nn/rotation.py)."""
-    run = _Launch(x, smooth, l1, config, signed=False, rotate=rotate, granule=group)
+    """x [M, K] -> (a int8 [M, K] = code * multiplier, unit fp32 [M]); `rotate`: x / λ is first
+    multiplied by the block Hadamard matrix (vqz/nn/rotation.py)."""
+    run = _Launch(x, smooth, config, signed=False, rotate=rotate, granule=group)
     a = torch.empty(run.m, run.k, device=x.device, dtype=torch.int8)
     unit = torch.empty(run.m, device=x.device, dtype=torch.float32)
     _act_group_kernel[run.grid](
-        run.x, run.smooth_arg, run.l1, run.hi, a, unit,
-        run.xl1_parts if run.r else a, run.m, run.k, run.x.stride(0), run.chunks, GROUP=group,
-        LEVELS=levels, QMIN=float(-(2 ** (bits - 1))), QMAX=float(2 ** (bits - 1) - 1),
+        run.x, run.smooth_arg, run.hi, a, unit, run.m, run.k, run.x.stride(0), run.chunks,
+        GROUP=group, LEVELS=levels, QMIN=float(-(2 ** (bits - 1))), QMAX=float(2 ** (bits - 1) - 1),
         **run.common())
-    return a, unit, run.xl1()
+    return a, unit
 
 
-def act_quant_token(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None, *,
-                    mode: str, rotate: bool = False, config: dict | None = None):
+def act_quant_token(x: torch.Tensor, smooth: torch.Tensor | None, *, mode: str,
+                    rotate: bool = False, config: dict | None = None):
     """x [M, K] -> (a [M, K] int8 or float8_e4m3fn, scale fp32 [M], zero point fp32 [M] minus 128
-    (mode "int8-asym") or None, xl1 fp32 [M, R] or None); `rotate` as in act_quant_group."""
-    run = _Launch(x, smooth, l1, config, signed=mode == "int8-asym", rotate=rotate)
+    (mode "int8-asym") or None); `rotate` as in act_quant_group."""
+    run = _Launch(x, smooth, config, signed=mode == "int8-asym", rotate=rotate)
     dtype = torch.float8_e4m3fn if mode == "e4m3" else torch.int8
     a = torch.empty(run.m, run.k, device=x.device, dtype=dtype)
     scale = torch.empty(run.m, device=x.device, dtype=torch.float32)
     zp = torch.empty(run.m, device=x.device, dtype=torch.float32) if mode == "int8-asym" else None
     _act_token_kernel[run.grid](
-        run.x, run.smooth_arg, run.l1, run.hi, run.lo, a, scale,
-        zp if zp is not None else scale, run.xl1_parts if run.r else scale, run.m, run.k,
-        run.x.stride(0), run.chunks, MODE=TOKEN_MODES[mode], **run.common())
-    return a, scale, zp, run.xl1()
+        run.x, run.smooth_arg, run.hi, run.lo, a, scale, zp if zp is not None else scale, run.m,
+        run.k, run.x.stride(0), run.chunks, MODE=TOKEN_MODES[mode], **run.common())
+    return a, scale, zp

@@ -106,18 +106,20 @@ def _paths(layer: _Layer, x: torch.Tensor) -> dict:
 
     k = x.shape[1]
 
-    def fused(with_branch, memory):
+    # layer.l1 stands for the folded down factor diag(1/λ) H L1 (kernels/runtime.py)
+    def fused(with_branch, memory, rotate=False):
         def run():
-            a, unit, xl1 = act_quant.act_quant_group(x, layer.smooth, layer.l1 if with_branch else None)
+            a, unit = act_quant.act_quant_group(x, layer.smooth, rotate=rotate)
+            xl1 = x @ layer.l1 if with_branch else None
             w = int4_weights.unpack_int4(layer.packed, layer.mult, k, GROUP) if memory else layer.w8
             return int8_gemm(a, w, unit, layer.unit, xl1=xl1, l2=layer.l2 if with_branch else None,
                              bias=layer.bias)
         return run
 
     def unfused():
-        a, unit, _ = act_quant.act_quant_group(x, layer.smooth, None)
+        a, unit = act_quant.act_quant_group(x, layer.smooth)
         y = int8_gemm(a, layer.w8, unit, layer.unit, bias=layer.bias)
-        return y + ((x / layer.smooth.to(x.dtype)) @ layer.l1) @ layer.l2
+        return y + (x @ layer.l1) @ layer.l2
 
     a_fp8 = x.float().div(x.float().abs().amax(1, keepdim=True) / 448).to(torch.float8_e4m3fn)
     s_a = x.float().abs().amax(1, keepdim=True) / 448
@@ -132,6 +134,7 @@ def _paths(layer: _Layer, x: torch.Tensor) -> dict:
     return {"bf16": lambda: F.linear(x, layer.w, layer.bias), "fp8 _scaled_mm": fp8_gemm,
             "unfused w4a4+r32": unfused, "fused w4a4+r32 speed": fused(True, False),
             "fused w4a4+r32 memory": fused(True, True), "w4a4 no branch": fused(False, False),
+            "fused w4a4+r32 speed rotated": fused(True, False, rotate=True),
             "int8 GEMM alone": int8_only}
 
 

@@ -31,7 +31,7 @@ def _activation(y, ACT: tl.constexpr):
 @triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, zp_ptr, wsum_ptr, xl1_ptr, l2_ptr,
                       bias_ptr, M, N, K, HAS_ZP: tl.constexpr, R: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr,
+                      IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
     # Grouped tile order: GROUP_M row blocks sweep the columns together, so B tiles are reused from L2.
@@ -69,9 +69,12 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, zp_ptr, wsum_ptr, xl1
     y = y * (tl.load(sa_ptr + am)[:, None] * tl.load(sb_ptr + bn)[None, :])
     if R > 0:
         rr = tl.arange(0, R)
-        xl1 = tl.load(xl1_ptr + am[:, None] * R + rr[None, :])
-        l2 = tl.load(l2_ptr + rr[:, None] * N + bn[None, :]).to(tl.float32)
-        y = tl.dot(xl1, l2, y)
+        l2 = tl.load(l2_ptr + rr[:, None] * N + bn[None, :])
+        xl1 = tl.load(xl1_ptr + am[:, None] * R + rr[None, :]).to(l2.dtype)
+        if IEEE:
+            y = tl.dot(xl1, l2, y, input_precision="ieee")
+        else:
+            y = tl.dot(xl1, l2, y)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + bn).to(tl.float32)[None, :]
     y = _activation(y, ACT)
@@ -80,12 +83,10 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, zp_ptr, wsum_ptr, xl1
 
 
 def _config(m: int, n: int, rank: int) -> dict:
-    """Tile shapes measured best on an H100 (samples/kernel_sweep.py). With a low-rank branch the
-    epilogue converts the accumulator between MMA layouts, and 256-row tiles amortize that best."""
+    """Tile shapes measured best on an H100 (samples/kernel_sweep.py). With a low-rank branch, 8-warp
+    tiles lost 40-150 us to the 16-bit MMA of the epilogue on FLUX shapes (H200), 4-warp ones 4-12."""
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
-    if rank and m * n >= 1 << 25:
-        return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
     if rank:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=5)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
@@ -97,8 +98,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
               bias: torch.Tensor | None = None, activation: str | None = None,
               out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
     """a [M, K] int8, b [N, K] int8, scale_a [M], scale_b [N] fp32 -> y [M, N] in `out_dtype`.
-    zero_point [M] (with colsum_b [N], fp32) for asymmetric activations; xl1 [M, R] fp32 with
-    l2 [R, N] for the low-rank branch; bias [N]; activation in ACTIVATIONS."""
+    zero_point [M] (with colsum_b [N], fp32) for asymmetric activations; xl1 [M, R] with l2 [R, N]
+    for the low-rank branch (multiplied in l2's dtype, accumulated in fp32); bias [N]; activation in ACTIVATIONS."""
     m, k = a.shape
     n = b.shape[0]
     r = 0 if xl1 is None else xl1.shape[1]
@@ -109,6 +110,6 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
         a, b, c, scale_a, scale_b, zero_point if zero_point is not None else scale_a,
         colsum_b if colsum_b is not None else scale_b, xl1 if r else scale_a,
         l2 if r else scale_b, bias if bias is not None else scale_b, m, n, k,
-        HAS_ZP=zero_point is not None, R=r, HAS_BIAS=bias is not None,
+        HAS_ZP=zero_point is not None, R=r, IEEE=r > 0 and l2.dtype == torch.float32, HAS_BIAS=bias is not None,
         ACT=ACTIVATIONS[activation], EVEN_K=k % cfg["BLOCK_K"] == 0, GROUP_M=8, **cfg)
     return c

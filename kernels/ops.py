@@ -1,7 +1,7 @@
 """The kernels as `torch.library` custom ops (namespace `vqz`), so `torch.compile(fullgraph=True)`
 traces through them: CUDA runs Triton, every other device the pure-torch reference, and a fake
-implementation gives the compiler output shapes. Optional tensors come back empty ([M, 0] or [0])
-where the op has nothing to return.
+implementation gives the compiler output shapes. An optional tensor comes back empty ([0]) where the
+op has nothing to return.
 """
 from __future__ import annotations
 
@@ -15,42 +15,36 @@ def _empty(like: torch.Tensor, *shape) -> torch.Tensor:
     return like.new_empty(shape or (0,), dtype=torch.float32)
 
 
-def _act_quant_group(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None,
-                    group: int, levels: int, bits: int,
-                    rotate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    a, unit, xl1 = reference.act_quant_group(x, smooth, l1, group=group, levels=levels, bits=bits,
-                                             rotate=rotate)
-    return a, unit, xl1 if xl1 is not None else _empty(x, x.shape[0], 0)
+def _act_quant_group(x: torch.Tensor, smooth: torch.Tensor | None, group: int, levels: int,
+                    bits: int, rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.act_quant_group(x, smooth, group=group, levels=levels, bits=bits,
+                                     rotate=rotate)
 
 
 act_quant_group = torch.library.custom_op("vqz::act_quant_group", mutates_args=())(_act_quant_group)
 
 
 @act_quant_group.register_fake
-def _(x, smooth, l1, group, levels, bits, rotate):
+def _(x, smooth, group, levels, bits, rotate):
     m, k = x.shape
-    r = 0 if l1 is None else l1.shape[1]
-    return (x.new_empty(m, k, dtype=torch.int8), _empty(x, m), _empty(x, m, r))
+    return x.new_empty(m, k, dtype=torch.int8), _empty(x, m)
 
 
-def _act_quant_token(x: torch.Tensor, smooth: torch.Tensor | None, l1: torch.Tensor | None,
-                    mode: str,
-                    rotate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    a, scale, zp, xl1 = reference.act_quant_token(x, smooth, l1, mode=mode, rotate=rotate)
-    return (a, scale, zp if zp is not None else _empty(x),
-            xl1 if xl1 is not None else _empty(x, x.shape[0], 0))
+def _act_quant_token(x: torch.Tensor, smooth: torch.Tensor | None, mode: str,
+                    rotate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a, scale, zp = reference.act_quant_token(x, smooth, mode=mode, rotate=rotate)
+    return a, scale, zp if zp is not None else _empty(x)
 
 
 act_quant_token = torch.library.custom_op("vqz::act_quant_token", mutates_args=())(_act_quant_token)
 
 
 @act_quant_token.register_fake
-def _(x, smooth, l1, mode, rotate):
+def _(x, smooth, mode, rotate):
     m, k = x.shape
-    r = 0 if l1 is None else l1.shape[1]
     dtype = torch.float8_e4m3fn if mode == "e4m3" else torch.int8
     return (x.new_empty(m, k, dtype=dtype), _empty(x, m),
-            _empty(x, m) if mode == "int8-asym" else _empty(x), _empty(x, m, r))
+            _empty(x, m) if mode == "int8-asym" else _empty(x))
 
 
 # The op's activation and output dtype travel as indices into ACTIVATION_NAMES and OUT_DTYPES: with
@@ -107,16 +101,14 @@ def _register_triton() -> None:
     from . import int8_gemm as gemm
 
     @act_quant_group.register_kernel("cuda")
-    def _(x, smooth, l1, group, levels, bits, rotate):
-        a, unit, xl1 = act_quant.act_quant_group(x, smooth, l1, group=group, levels=levels, bits=bits,
-                                                 rotate=rotate)
-        return a, unit, xl1 if xl1 is not None else _empty(x, x.shape[0], 0)
+    def _(x, smooth, group, levels, bits, rotate):
+        return act_quant.act_quant_group(x, smooth, group=group, levels=levels, bits=bits,
+                                         rotate=rotate)
 
     @act_quant_token.register_kernel("cuda")
-    def _(x, smooth, l1, mode, rotate):
-        a, scale, zp, xl1 = act_quant.act_quant_token(x, smooth, l1, mode=mode, rotate=rotate)
-        return (a, scale, zp if zp is not None else _empty(x),
-                xl1 if xl1 is not None else _empty(x, x.shape[0], 0))
+    def _(x, smooth, mode, rotate):
+        a, scale, zp = act_quant.act_quant_token(x, smooth, mode=mode, rotate=rotate)
+        return a, scale, zp if zp is not None else _empty(x)
 
     @int8_gemm.register_kernel("cuda")
     def _(a, b, scale_a, scale_b, zero_point, colsum_b, xl1, l2, bias, activation, out_dtype):

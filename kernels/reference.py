@@ -17,22 +17,18 @@ def _per_column(per_group: torch.Tensor, group: int, k: int) -> torch.Tensor:
     return per_group.repeat_interleave(group, -1)[..., :k]
 
 
-def _lowrank_down(xs: torch.Tensor, l1: torch.Tensor | None) -> torch.Tensor | None:
-    return None if l1 is None else xs.float() @ l1.float()
-
-
-def act_quant_group(x, smooth, l1, *, group=64, levels=16, bits=4, rotate=False):
-    """Reference of kernels.act_quant.act_quant_group: (a = code * multiplier, unit, xl1)."""
+def act_quant_group(x, smooth, *, group=64, levels=16, bits=4, rotate=False):
+    """Reference of kernels.act_quant.act_quant_group: (a = code * multiplier, unit)."""
     xs = quantizer_input(x, smooth, rotate)
     spec = QuantSpec(f"int{bits}", "group", group, dynamic=True, int_group_scales=levels)
     q = Quantizer(spec).quantize(xs)
     mult = _per_column(q["group_scale"], group, x.shape[-1])
     a = (q["codes"].to(torch.int32) * mult).to(torch.int8)
-    return a, q["scale"].reshape(-1), _lowrank_down(xs, l1)
+    return a, q["scale"].reshape(-1)
 
 
-def act_quant_token(x, smooth, l1, *, mode, rotate=False):
-    """Reference of kernels.act_quant.act_quant_token: (a, scale, zero point - 128 or None, xl1)."""
+def act_quant_token(x, smooth, *, mode, rotate=False):
+    """Reference of kernels.act_quant.act_quant_token: (a, scale, zero point - 128 or None)."""
     xs = quantizer_input(x, smooth, rotate)
     fmt = "e4m3" if mode == "e4m3" else "int8"
     q = Quantizer(QuantSpec(fmt, "token", dynamic=True, symmetric=mode != "int8-asym")).quantize(xs)
@@ -44,7 +40,7 @@ def act_quant_token(x, smooth, l1, *, mode, rotate=False):
         a = q["codes"].view(torch.float8_e4m3fn)
     else:
         a = q["codes"]
-    return a, q["scale"].reshape(-1), zp, _lowrank_down(xs, l1)
+    return a, q["scale"].reshape(-1), zp
 
 
 # The GEMM epilogue's activations; the custom op and the kernel name them by index in this tuple.
@@ -62,13 +58,13 @@ def activation(y: torch.Tensor, name: str | None) -> torch.Tensor:
 def int8_gemm(a, b, scale_a, scale_b, *, zero_point=None, colsum_b=None, xl1=None, l2=None,
               bias=None, activation_name=None, out_dtype=torch.bfloat16):
     """Reference of kernels.int8_gemm.int8_gemm, in the kernel's order of fp32 operations; the
-    integer product is exact (float64 holds every sum of int8 products below 2^53)."""
+    integer product is exact, and so are the branch's products of 16-bit factors (float64 holds every sum of int8 products below 2^53)."""
     y = (a.double() @ b.double().T).float()
     if zero_point is not None:
         y = y - zero_point[:, None] * colsum_b[None, :]
     y = y * (scale_a[:, None] * scale_b[None, :])
-    if xl1 is not None:
-        y = y + xl1 @ l2.float()
+    if xl1 is not None:  # the branch in l2's dtype, accumulated in fp32
+        y = y + xl1.to(l2.dtype).float() @ l2.float()
     if bias is not None:
         y = y + bias.float()
     return activation(y, activation_name).to(out_dtype)

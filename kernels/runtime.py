@@ -5,7 +5,9 @@ Kinds of layer the kernels run (anything else keeps the pure-torch reference):
 - "int8": activations quantized per token to INT8 (symmetric or asymmetric) or per token per group
   with two-level scales; weights INT8/INT4 per output channel or INT4 groups with two-level scales.
   Both operands are then int8 with one fp scale per row: one INT8 GEMM, fp work in its epilogue.
-  Smoothing and the low-rank branch are fused into the activation kernel and the epilogue.
+  Smoothing (and the rotation) are fused into the activation kernel; the low-rank branch's
+  down-projection is one cuBLAS GEMM on the raw input with λ and the rotation folded into its
+  factor, its up-projection runs in the GEMM's epilogue.
 - "fp8": FP8 E4M3 weights per channel and activations per token, on torch._scaled_mm.
 - "w4a16": 4-bit grouped weights with full-precision activations, for at most 64 tokens.
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vqz.formats import FPFormat, IntFormat, unpack_codes
+from vqz.nn.rotation import hadamard_rotate
 
 from . import ops
 from .dispatch import register_linear_kernel
@@ -136,10 +139,21 @@ def prepare(layer, layout: str = DEFAULT_LAYOUT) -> bool:
 @torch.no_grad()
 def prepare_branch(layer) -> None:
     """The kernels' copy of an int8 layer's low-rank branch, its rank padded to RANK_MULTIPLE (the
-    rest of the runtime layout does not depend on the branch)."""
+    rest of the runtime layout does not depend on the branch). The branch's input is
+    rotate(x / λ) = x diag(1/λ) H, so its down factor becomes diag(1/λ) H L1, computed in fp32."""
     if layer.rank:
-        _set(layer, "kernel_l1", _padded_rank(layer.lora_down.detach(), 1))
+        _set(layer, "kernel_l1", _padded_rank(folded_down(layer), 1))
         _set(layer, "kernel_l2", _padded_rank(layer.lora_up.detach(), 0))
+
+
+def folded_down(layer) -> torch.Tensor:
+    """diag(1/λ) H L1 [K, R] in L1's dtype: x times it is the branch's down-projection."""
+    down = layer.lora_down.detach().float()
+    if layer.rotate:  # H is symmetric: H L1 = (L1ᵀ H)ᵀ
+        down = hadamard_rotate(down.T).T
+    if layer.smooth is not None:
+        down = down / layer.smooth.float()[:, None]
+    return down.to(layer.lora_down.dtype)
 
 
 def prepare_model(model: torch.nn.Module, layout: str = DEFAULT_LAYOUT) -> int:
@@ -180,8 +194,7 @@ def run(layer, x: torch.Tensor) -> torch.Tensor:
         y = _op("w4a16_gemm", x.device)(x2, qw.codes, qw.scale, qw.k,
                                         layer.weight_spec.group_size, bias)
     elif layer.kernel_kind == "fp8":
-        a, scale, _, _ = _op("act_quant_token", x.device)(x2, layer.smooth, None, "e4m3",
-                                                          layer.rotate)
+        a, scale, _ = _op("act_quant_token", x.device)(x2, layer.smooth, "e4m3", layer.rotate)
         y = torch._scaled_mm(a, layer.kernel_weight.t(), scale_a=scale[:, None],
                              scale_b=layer.kernel_wscale, bias=bias, out_dtype=x.dtype)
     else:
@@ -190,25 +203,25 @@ def run(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _run_int8(layer, x, bias):
-    l1 = getattr(layer, "kernel_l1", None) if layer.rank else None
     spec = layer.act_spec
     if spec.granularity == "group":
-        a, scale, xl1 = _op("act_quant_group", x.device)(x, layer.smooth, l1, spec.group_size,
-                                                         spec.int_group_scales, spec.fmt.bits,
-                                                         layer.rotate)
+        a, scale = _op("act_quant_group", x.device)(x, layer.smooth, spec.group_size,
+                                                    spec.int_group_scales, spec.fmt.bits,
+                                                    layer.rotate)
         zp = None
     else:
-        a, scale, zp, xl1 = _op("act_quant_token", x.device)(x, layer.smooth, l1, _act_mode(spec),
-                                                             layer.rotate)
+        a, scale, zp = _op("act_quant_token", x.device)(x, layer.smooth, _act_mode(spec),
+                                                        layer.rotate)
         zp = zp if zp.numel() else None
+    xl1 = x @ layer.kernel_l1.to(x.dtype) if layer.rank else None
     weight = layer.kernel_weight
     if weight is None:
         qw = layer.qweight
         weight = _op("unpack_int4", x.device)(qw.codes, qw.group_scale, qw.k,
                                               layer.weight_spec.group_size)
     return _op("int8_gemm", x.device)(a, weight, scale, layer.kernel_wscale, zp,
-                         getattr(layer, "kernel_colsum", None), xl1 if l1 is not None else None,
-                         layer.kernel_l2 if l1 is not None else None, bias, 0,
+                         getattr(layer, "kernel_colsum", None), xl1,
+                         layer.kernel_l2 if layer.rank else None, bias, 0,
                          ops.OUT_DTYPES.index(x.dtype))
 
 

@@ -33,25 +33,16 @@ def _twice(fn, *args, **kwargs):
     return first
 
 
-def _branch_close(got, want):
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-
-
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k,rank,smooth", [(K_AWKWARD, 32, True), (256, 0, False), (192, 16, False)])
-def test_group_activation_kernel_matches_quantizer(m, dtype, k, rank, smooth):
+@pytest.mark.parametrize("k,smooth", [(K_AWKWARD, True), (256, False), (192, False)])
+def test_group_activation_kernel_matches_quantizer(m, dtype, k, smooth):
     x = _x(m, k, dtype)
     lam = (torch.rand(k) + 0.5).to(DEVICE) if smooth else None
-    l1 = torch.randn(k, rank).to(DEVICE, dtype) if rank else None
-    a, unit, xl1 = _twice(act_quant.act_quant_group, x, lam, l1)
-    ra, runit, rxl1 = reference.act_quant_group(x, lam, l1)
+    a, unit = _twice(act_quant.act_quant_group, x, lam)
+    ra, runit = reference.act_quant_group(x, lam)
     assert torch.equal(a, ra) and torch.equal(unit, runit)
     assert a.ne(0).sum() > a.numel() // 10  # a test on mostly-zero codes would prove little
-    if rank:
-        _branch_close(xl1, rxl1)
-    else:
-        assert xl1 is None
 
 
 @pytest.mark.parametrize("m", ROWS)
@@ -59,12 +50,10 @@ def test_group_activation_kernel_matches_quantizer(m, dtype, k, rank, smooth):
 def test_token_activation_kernel_matches_quantizer(m, mode):
     x = _x(m, K_AWKWARD, torch.float16) + (3.0 if mode == "int8-asym" else 0.0)  # one-sided rows
     lam = (torch.rand(K_AWKWARD) + 0.5).to(DEVICE)
-    l1 = torch.randn(K_AWKWARD, 16).to(DEVICE, torch.float16)
-    a, scale, zp, xl1 = _twice(act_quant.act_quant_token, x, lam, l1, mode=mode)
-    ra, rscale, rzp, rxl1 = reference.act_quant_token(x, lam, l1, mode=mode)
+    a, scale, zp = _twice(act_quant.act_quant_token, x, lam, mode=mode)
+    ra, rscale, rzp = reference.act_quant_token(x, lam, mode=mode)
     assert torch.equal(a.view(torch.uint8), ra.view(torch.uint8)) and torch.equal(scale, rscale)
     assert (zp is None) == (mode != "int8-asym") and (zp is None or torch.equal(zp, rzp))
-    _branch_close(xl1, rxl1)
 
 
 @pytest.mark.parametrize("m", ROWS)
@@ -75,20 +64,17 @@ def test_rotated_activation_kernels_match_the_quantizer(m, dtype):
     k = 320  # five blocks of 64: the last tile of 128 columns is half outside the matrix
     x = _x(m, k, dtype)
     lam = (torch.rand(k) + 0.5).to(DEVICE)
-    l1 = torch.randn(k, 16).to(DEVICE, dtype)
-    a, unit, xl1 = _twice(act_quant.act_quant_group, x, lam, l1, rotate=True)
-    ra, runit, rxl1 = reference.act_quant_group(x, lam, l1, rotate=True)
+    a, unit = _twice(act_quant.act_quant_group, x, lam, rotate=True)
+    ra, runit = reference.act_quant_group(x, lam, rotate=True)
     assert torch.equal(a, ra) and torch.equal(unit, runit)
-    assert not torch.equal(a, act_quant.act_quant_group(x, lam, l1)[0])
-    _branch_close(xl1, rxl1)
+    assert not torch.equal(a, act_quant.act_quant_group(x, lam)[0])
     for mode in ["int8", "int8-asym"]:
-        got = _twice(act_quant.act_quant_token, x, lam, l1, mode=mode, rotate=True)
-        want = reference.act_quant_token(x, lam, l1, mode=mode, rotate=True)
-        for g, w in zip(got[:3], want[:3]):
+        got = _twice(act_quant.act_quant_token, x, lam, mode=mode, rotate=True)
+        want = reference.act_quant_token(x, lam, mode=mode, rotate=True)
+        for g, w in zip(got, want):
             assert g is None and w is None or torch.equal(g, w)
-        _branch_close(got[3], want[3])
     with pytest.raises(ValueError, match="blocks of 64"):
-        act_quant.act_quant_group(_x(m, K_AWKWARD, dtype), None, None, rotate=True)
+        act_quant.act_quant_group(_x(m, K_AWKWARD, dtype), None, rotate=True)
 
 
 def _int8(shape, seed):
@@ -109,8 +95,11 @@ def test_int8_gemm_integer_products_are_exact(m, k):
 
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("activation", [None, "gelu_tanh", "gelu", "silu"])
-@pytest.mark.parametrize("asym,rank", [(False, 32), (True, 0), (True, 64)])
-def test_int8_gemm_epilogue_matches_reference(m, activation, asym, rank):
+# Triton's interpreter multiplies bf16 operands of tl.dot wrongly (3.8), so on CPU the 16-bit case
+# is fp16; a GPU checks the bf16 one that bf16 models use.
+@pytest.mark.parametrize("asym,rank,l2_dtype", [(False, 32, torch.bfloat16 if CUDA else torch.float16),
+                                                (True, 0, None), (True, 64, torch.float32)])
+def test_int8_gemm_epilogue_matches_reference(m, activation, asym, rank, l2_dtype):
     k, n = K_AWKWARD, 80
     a, b = _int8((m, k), 3), _int8((n, k), 4)
     sa, sb = torch.rand(m, device=DEVICE) / 100, torch.rand(n, device=DEVICE) / 100
@@ -120,13 +109,12 @@ def test_int8_gemm_epilogue_matches_reference(m, activation, asym, rank):
                      colsum_b=b.float().sum(1))
     if rank:
         extra.update(xl1=torch.randn(m, rank, device=DEVICE),
-                     l2=torch.randn(rank, n, device=DEVICE, dtype=torch.float16))
+                     l2=torch.randn(rank, n, device=DEVICE, dtype=l2_dtype))
     y = _twice(int8_gemm.int8_gemm, a, b, sa, sb, out_dtype=torch.float32, **extra)
     extra["activation_name"] = extra.pop("activation")
     want = reference.int8_gemm(a, b, sa, sb, out_dtype=torch.float32, **extra)
-    # fp32 rounding; on GPU the rank-R branch runs on TF32 tensor cores (10-bit mantissa)
-    tol = 2e-3 if CUDA and rank else 1e-5
-    assert torch.allclose(y, want, rtol=tol, atol=tol * want.abs().max().item())
+    # fp32 rounding: xl1 is rounded to l2's dtype in both, and products of 16-bit factors are exact
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("n,k", [(5, K_AWKWARD), (64, 129), (48, 512)])
@@ -161,14 +149,12 @@ def test_w4a16_gemm_matches_reference(m, dtype, k, group):
 def test_activation_kernels_split_along_k_give_the_same_codes(mode):
     """Row ranges gathered from many K chunks equal the one-chunk result."""
     x = _x(33, 1000, torch.float16)
-    l1 = torch.randn(1000, 16).to(DEVICE, torch.float16)
     small = dict(BLOCK_M=16, BLOCK_K=64, CHUNK=128, num_warps=4)
     if mode == "group":
-        run = lambda cfg: act_quant.act_quant_group(x, None, l1, config=cfg)  # noqa: E731
+        run = lambda cfg: act_quant.act_quant_group(x, None, config=cfg)  # noqa: E731
     else:
-        run = lambda cfg: act_quant.act_quant_token(x, None, l1, mode=mode, config=cfg)  # noqa: E731
+        run = lambda cfg: act_quant.act_quant_token(x, None, mode=mode, config=cfg)  # noqa: E731
     one = run(dict(small, CHUNK=1024))
     many = run(small)
-    for a, b in zip(one[:-1], many[:-1]):
+    for a, b in zip(one, many):
         assert a is None and b is None or torch.equal(a, b)
-    _branch_close(many[-1], one[-1])

@@ -96,40 +96,44 @@ def _(x, packed, scale, k, group, bias):
     return x.new_empty(x.shape[0], packed.shape[0])
 
 
-def _register_triton() -> None:
+def _triton_functions() -> dict:
+    """The CUDA implementation of every op, by name, with the op's argument list."""
     from . import act_quant, int4_weights
     from . import int8_gemm as gemm
 
-    @act_quant_group.register_kernel("cuda")
-    def _(x, smooth, group, levels, bits, rotate):
+    def act_group(x, smooth, group, levels, bits, rotate):
         return act_quant.act_quant_group(x, smooth, group=group, levels=levels, bits=bits,
                                          rotate=rotate)
 
-    @act_quant_token.register_kernel("cuda")
-    def _(x, smooth, mode, rotate):
+    def act_token(x, smooth, mode, rotate):
         a, scale, zp = act_quant.act_quant_token(x, smooth, mode=mode, rotate=rotate)
         return a, scale, zp if zp is not None else _empty(x)
 
-    @int8_gemm.register_kernel("cuda")
-    def _(a, b, scale_a, scale_b, zero_point, colsum_b, xl1, l2, bias, activation, out_dtype):
+    def int8(a, b, scale_a, scale_b, zero_point, colsum_b, xl1, l2, bias, activation, out_dtype):
         return gemm.int8_gemm(a, b, scale_a, scale_b, zero_point=zero_point, colsum_b=colsum_b,
                               xl1=xl1, l2=l2, bias=bias, activation=ACTIVATION_NAMES[activation],
                               out_dtype=OUT_DTYPES[out_dtype])
 
-    @unpack_int4.register_kernel("cuda")
-    def _(packed, multiplier, k, group):
+    def unpack(packed, multiplier, k, group):
         return int4_weights.unpack_int4(packed, multiplier, k, group)
 
-    @w4a16_gemm.register_kernel("cuda")
-    def _(x, packed, scale, k, group, bias):
+    def w4a16(x, packed, scale, k, group, bias):
         return int4_weights.w4a16_gemm(x, packed, scale, k, group, bias)
 
+    return {"act_quant_group": act_group, "act_quant_token": act_token, "int8_gemm": int8,
+            "unpack_int4": unpack, "w4a16_gemm": w4a16}
 
-# The same functions without the custom-op dispatch, for tensors off CUDA (where every op runs its
-# reference anyway): the layer path then never enters the dispatcher on CPU.
+
+# The same functions without the custom-op dispatch: the references for tensors off CUDA (where
+# every op runs its reference anyway), the Triton launches for eager CUDA calls. The dispatcher
+# costs 10-35 us a call (pytorch/pytorch#177109), about what a small layer's kernels take on Hopper;
+# only torch.compile needs the ops themselves.
 PLAIN = {"act_quant_group": _act_quant_group, "act_quant_token": _act_quant_token,
          "int8_gemm": _int8_gemm, "unpack_int4": _unpack_int4, "w4a16_gemm": _w4a16_gemm}
+DIRECT: dict = {}
 
 TRITON_ON_CUDA = triton_available() and torch.cuda.is_available()
 if TRITON_ON_CUDA:
-    _register_triton()
+    DIRECT.update(_triton_functions())
+    for _name, _fn in DIRECT.items():
+        globals()[_name].register_kernel("cuda")(_fn)

@@ -82,8 +82,11 @@ def kernel_kind(layer) -> str | None:
 
 
 def _op(name: str, device: torch.device):
-    """The custom op on CUDA (what torch.compile traces), its plain reference elsewhere."""
-    return getattr(ops, name) if device.type == "cuda" else ops.PLAIN[name]
+    """The custom op while torch.compile traces, the Triton launch in eager CUDA calls, the plain
+    reference elsewhere."""
+    if device.type != "cuda":
+        return ops.PLAIN[name]
+    return getattr(ops, name) if torch.compiler.is_compiling() else ops.DIRECT[name]
 
 
 def _set(layer, name: str, value: torch.Tensor | None) -> None:

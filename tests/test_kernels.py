@@ -158,3 +158,28 @@ def test_activation_kernels_split_along_k_give_the_same_codes(mode):
     many = run(small)
     for a, b in zip(one, many):
         assert a is None and b is None or torch.equal(a, b)
+
+
+def test_eager_launches_take_the_custom_ops_arguments():
+    """Eager CUDA layers call these functions with the custom ops' argument lists (kernels/ops.py):
+    each gives its op's reference result."""
+    from vqz.kernels import ops
+
+    direct = ops._triton_functions()
+    assert set(direct) == set(ops.PLAIN)
+    x, lam = _x(7, 128, torch.float16), (torch.rand(128) + 0.5).to(DEVICE)
+    args = {"act_quant_group": (x, lam, 64, 16, 4, True), "act_quant_token": (x, lam, "int8-asym", False)}
+    a, b = _int8((7, 128), 1), _int8((48, 128), 2)
+    args["int8_gemm"] = (a, b, torch.rand(7, device=DEVICE), torch.rand(48, device=DEVICE), None,
+                         None, None, None, None, 3, 0)
+    g = torch.Generator().manual_seed(3)
+    packed = pack_codes(torch.randint(-8, 8, (48, 128), generator=g, dtype=torch.int8), 4).to(DEVICE)
+    args["unpack_int4"] = (packed, torch.randint(1, 17, (48, 2), generator=g, dtype=torch.uint8).to(DEVICE),
+                           128, 64)
+    args["w4a16_gemm"] = (x, packed, (torch.rand(48, 4, generator=g) / 10).to(DEVICE), 128, 32, None)
+    for name, call in args.items():
+        got, want = direct[name](*call), ops.PLAIN[name](*call)
+        for g_, w_ in zip(got if isinstance(got, tuple) else (got,),
+                          want if isinstance(want, tuple) else (want,)):
+            assert g_.dtype == w_.dtype and g_.shape == w_.shape, name
+            assert torch.allclose(g_.float(), w_.float(), rtol=1e-2, atol=1e-2 * w_.float().abs().max()), name

@@ -56,9 +56,17 @@ def pipeline_forward_loop(pipe, prompts, *, num_inference_steps: int | None = No
         raise TypeError(f"calibration prompts must be strings, got {type(bad[0]).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    kwargs = _call_options(pipe, num_inference_steps=num_inference_steps,
-                           guidance_scale=guidance_scale, height=height, width=width,
-                           num_frames=num_frames)
+    accepted = inspect.signature(pipe.__call__).parameters
+    for required in ("prompt", "generator"):
+        if required not in accepted:
+            raise TypeError(f"{type(pipe).__name__} takes no `{required}` argument, so vqz cannot "
+                            f"calibrate it from prompts; pass calib= a forward_loop(pipe) callable "
+                            f"that runs it")
+    kwargs = call_options(pipe, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, height=height, width=width,
+                          num_frames=num_frames)
+    if "output_type" in accepted:
+        kwargs["output_type"] = "latent"  # the denoiser is calibrated; decoding would be wasted
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
 
     def loop(pipeline=None) -> None:
@@ -72,25 +80,21 @@ def pipeline_forward_loop(pipe, prompts, *, num_inference_steps: int | None = No
     return loop
 
 
-def _call_options(pipe, **options) -> dict:
-    """The keyword arguments for `pipe(...)`: the given options, checked against its signature."""
+def call_options(pipe, **options) -> dict:
+    """The keyword arguments for `pipe(...)`: the options that are not None, checked against its
+    signature (ValueError for one it does not take), num_frames under the pipeline's own name."""
     accepted = inspect.signature(pipe.__call__).parameters
     name = type(pipe).__name__
-    for required in ("prompt", "generator"):
-        if required not in accepted:
-            raise TypeError(f"{name} takes no `{required}` argument, so vqz cannot calibrate it from "
-                            f"prompts; pass calib= a forward_loop(pipe) callable that runs it")
     kwargs = {k: v for k, v in options.items() if v is not None}
     if "num_frames" in kwargs and "num_frames" not in accepted and "frames" in accepted:
         kwargs["frames"] = kwargs.pop("num_frames")  # SanaVideoPipeline's name for it
     for key in kwargs:
         if key not in accepted:
             if key == "num_frames":
-                raise ValueError(f"num_frames={kwargs[key]} was given, but {name} takes no frame "
-                                 f"count (an image pipeline, or one that follows an input video)")
+                raise ValueError(f"{name} takes no frame count (an image pipeline, or one that "
+                                 f"follows an input video), but num_frames={kwargs[key]} "
+                                 f"(--frames) was given")
             raise ValueError(f"{name} does not take {key}=; leave it out")
-    if "output_type" in accepted:
-        kwargs["output_type"] = "latent"  # the denoiser is calibrated; decoding would be wasted
     return kwargs
 
 

@@ -164,11 +164,17 @@ def test_option_the_video_pipeline_does_not_take(tiny_wan_pipe, guard):
 
 
 def test_frames_reaches_a_pipeline_that_calls_it_frames(tiny_wan_pipe):
-    from vqz.calib.pipeline import _call_options
+    from vqz.calib.pipeline import call_options
+    from vqz.eval.generation import generate
+
+    class Called(Exception):
+        pass
 
     class FramesPipeline(type(tiny_wan_pipe)):
         def __call__(self, prompt=None, generator=None, frames=None, output_type=None):
-            raise NotImplementedError
+            raise Called(frames)
 
-    assert _call_options(FramesPipeline.__new__(FramesPipeline), num_frames=5) == {
-        "frames": 5, "output_type": "latent"}
+    pipe = FramesPipeline.__new__(FramesPipeline)
+    assert call_options(pipe, num_frames=5) == {"frames": 5}
+    with pytest.raises(Called, match="5"):  # vqz generate / eval-pipeline --frames 5
+        generate(pipe, "a prompt", 0, frames=5)

@@ -117,7 +117,7 @@ def test_quantize_and_generate_with_a_local_pipeline(tiny_pipeline_dir, tmp_path
     assert (tmp_path / "dog.png").is_file()
     result = run_cli("generate", "--model", str(tiny_pipeline_dir), "--preset", "w8a8", "--prompt",
                      "a dog", "--frames", "4", "--out", str(tmp_path / "v.png"), *common)
-    assert result.returncode == 1 and "video option" in result.stderr
+    assert result.returncode == 1 and "takes no frame count" in result.stderr
     result = run_cli("generate", "--prompt", "x", "--out", str(tmp_path / "x.png"))
     assert result.returncode == 1 and "exactly one of --preset" in result.stderr
 

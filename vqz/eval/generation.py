@@ -1,9 +1,9 @@
 """One generation from a diffusers pipeline: the images (or video frames) as PIL images."""
 from __future__ import annotations
 
-import inspect
-
 import torch
+
+from vqz.calib.pipeline import call_options
 
 
 def generate(pipe, prompt: str, seed: int, *, steps: int | None = None, guidance: float | None = None,
@@ -11,12 +11,8 @@ def generate(pipe, prompt: str, seed: int, *, steps: int | None = None, guidance
              frames: int | None = None) -> tuple[list, bool]:
     """([image], False) for an image pipeline, (frames, True) for a video pipeline. Options left
     at None keep the pipeline's defaults; the noise comes from a CPU generator seeded `seed`."""
-    options = {"num_inference_steps": steps, "guidance_scale": guidance, "height": height,
-               "width": width, "num_frames": frames}
-    accepted = inspect.signature(type(pipe).__call__).parameters
-    if frames is not None and "num_frames" not in accepted:
-        raise ValueError(f"frames (--frames) is a video option; {type(pipe).__name__} makes images")
-    options = {k: v for k, v in options.items() if v is not None and k in accepted}
+    options = call_options(pipe, num_inference_steps=steps, guidance_scale=guidance, height=height,
+                           width=width, num_frames=frames)
     output = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **options)
     if hasattr(output, "frames"):
         return [f if hasattr(f, "save") else _to_pil(f) for f in output.frames[0]], True

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import vqz
-from vqz.config import QuantSpec, get_qat_preset
+from vqz.config import LayerRule, QuantSpec, get_qat_preset
 from vqz.eval.images import sqnr
 from vqz.nn import QuantLinear
 from vqz.qat import QATLinear, RankSchedule
@@ -180,10 +180,13 @@ def test_trained_model_is_plain_quantized_and_closer_than_its_start(tiny_dit, tm
 def test_smoothed_recipe_trains_and_round_trips(tiny_dit, tmp_path):
     build, data = tiny_dit
     model = build()
-    vqz.train_qat(model, replace(_recipe(), smooth=True), data=data, steps=12, lr=1e-4, decay_every=2)
+    recipe = replace(_recipe(), smooth=True, rules=(LayerRule("*.ff.*", smooth=False),))
+    vqz.train_qat(model, recipe, data=data, steps=12, lr=1e-4, decay_every=2)
     layer = model.transformer_blocks[0].attn1.to_q
     assert isinstance(layer, QuantLinear) and layer.smooth is not None
     assert not torch.equal(layer.smooth, torch.ones_like(layer.smooth))
+    ff = [m for name, m in model.named_modules() if ".ff." in name and isinstance(m, QuantLinear)]
+    assert ff and all(m.smooth is None for m in ff)  # the rule's layers keep their inputs
     vqz.save(model, tmp_path / "q")
     loaded = vqz.load(build(), tmp_path / "q")
     assert torch.equal(_out(loaded, data[0]), _out(model, data[0]))

@@ -63,7 +63,7 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
             relabel(records, teacher_model.eval())
             teacher_model.train(was_training)
         edges = _edges(records, cfg)
-        smooth = _smoothing(target, plan, records, cfg) if cfg.smooth else {}
+        smooth = _smoothing(target, [p for p in plan.layers if p.smooth], records, cfg.alpha)
         wrap(target, plan, edges, smooth, tx)
         log = train(target, records, opts, identity)
         unwrap(target, tx)
@@ -113,9 +113,11 @@ def _linear_plan(target, cfg: QuantConfig) -> Plan:
     return plan
 
 
-def _smoothing(target, plan: Plan, records, cfg: QuantConfig, calls: int = 64) -> dict:
-    """λ per layer as SVDQuant chooses it (α searched with the starting branch in the loop), from
-    the layers' inputs over the first `calls` recorded denoiser calls."""
+def _smoothing(target, layers: list, records, alpha, calls: int = 64) -> dict:
+    """λ per layer plan of `layers` as SVDQuant chooses it (α searched with the starting branch in
+    the loop), from the layers' inputs over the first `calls` recorded denoiser calls."""
+    if not layers:
+        return {}
     device = device_of(target)
 
     def loop():
@@ -123,13 +125,13 @@ def _smoothing(target, plan: Plan, records, cfg: QuantConfig, calls: int = 64) -
             target(*to_device(r.args, device), **to_device(r.kwargs, device))
 
     with torch.no_grad():
-        stats = collect_input_stats(target, [p.name for p in plan.layers], loop)
+        stats = collect_input_stats(target, [p.name for p in layers], loop)
     smooth = {}
-    for p in plan.layers:
+    for p in layers:
         weight = target.get_submodule(p.name).weight
         result = svd_quantize(weight, rank=p.rank, weight_spec=p.weight, act_spec=p.act,
                               x_absmax=stats[p.name].absmax, x_sample=stats[p.name].sample,
-                              alpha=cfg.alpha)
+                              alpha=alpha)
         smooth[p.name] = result.smooth
     return smooth
 

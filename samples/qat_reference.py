@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 import vqz
-from vqz.config import get_qat_preset
+from vqz.config import LayerRule, get_qat_preset
 from vqz.eval.images import psnr, ssim
 from vqz.pipelines.reference import load_reference, sample
 
@@ -52,6 +52,8 @@ def main():
     p.add_argument("--smooth", action="store_true", help="w4a4-qat with SVDQuant smoothing")
     p.add_argument("--no-rotate", action="store_true", help="w4a4-qat without its block-Hadamard "
                    "rotation")
+    p.add_argument("--a8-layers", metavar="GLOB", help="layers whose inputs stay 8-bit (w4a8-qat's "
+                   "activations), e.g. '*.ff.net.0.proj': a mixed recipe, not W4A4 everywhere")
     p.add_argument("--curve-only", action="store_true", help="train and write the loss log only")
     p.add_argument("--out", help="checkpoints and the loss log")
     p.add_argument("--json")
@@ -63,7 +65,7 @@ def main():
     fp = load_reference("dit").to(state.device)
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "processes": state.num_processes, "steps": args.steps, "lr": args.lr, "smooth": args.smooth,
-               "rotate": not args.no_rotate}
+               "rotate": not args.no_rotate, "a8_layers": args.a8_layers}
     reference = None
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
@@ -76,6 +78,9 @@ def main():
     student = copy.deepcopy(fp)
     start = time.perf_counter()
     recipe = replace(get_qat_preset("w4a4-qat"), smooth=args.smooth, rotate=not args.no_rotate)
+    if args.a8_layers:
+        recipe = replace(recipe, rules=recipe.rules + (
+            LayerRule(args.a8_layers, act=get_qat_preset("w4a8-qat").act),))
     log = vqz.train_qat(student, recipe, data=trajectories(args.calls, args.batch, args.sample_steps),
                         steps=args.steps, lr=args.lr, accumulate=args.accumulate, out=args.out)
     results["qat_seconds"] = time.perf_counter() - start

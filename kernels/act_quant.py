@@ -214,7 +214,8 @@ class _Launch:
         return self.smooth if self.smooth is not None else self.dummy
 
     def common(self) -> dict:
-        return dict(HAS_SMOOTH=self.smooth is not None, ROTATE=self.rotate, CHUNKS_P2=triton.next_power_of_2(self.chunks),
+        return dict(HAS_SMOOTH=self.smooth is not None, ROTATE=self.rotate,
+                    CHUNKS_P2=triton.next_power_of_2(self.chunks),
                     enable_fp_fusion=False, **self.cfg)
 
 

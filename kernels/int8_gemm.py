@@ -31,7 +31,8 @@ def _activation(y, ACT: tl.constexpr):
 @triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, zp_ptr, wsum_ptr, xl1_ptr, l2_ptr,
                       bias_ptr, M, N, K, HAS_ZP: tl.constexpr, R: tl.constexpr,
-                      IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr,
+                      IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                      EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
     # Grouped tile order: GROUP_M row blocks sweep the columns together, so B tiles are reused from L2.
@@ -83,8 +84,8 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, zp_ptr, wsum_ptr, xl1
 
 
 def _config(m: int, n: int, rank: int) -> dict:
-    """Tile shapes measured best on an H100 (samples/kernel_sweep.py). With a low-rank branch, 8-warp
-    tiles lost 40-150 us to the 16-bit MMA of the epilogue on FLUX shapes (H200), 4-warp ones 4-12."""
+    """Tile shapes measured best on Hopper (samples/kernel_sweep.py). With a low-rank branch, 8-warp
+    tiles lost 40-150 us to the epilogue's 16-bit MMA on FLUX shapes (H200), 4-warp ones 1-12 us."""
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     if rank:
@@ -99,7 +100,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
               out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
     """a [M, K] int8, b [N, K] int8, scale_a [M], scale_b [N] fp32 -> y [M, N] in `out_dtype`.
     zero_point [M] (with colsum_b [N], fp32) for asymmetric activations; xl1 [M, R] with l2 [R, N]
-    for the low-rank branch (multiplied in l2's dtype, accumulated in fp32); bias [N]; activation in ACTIVATIONS."""
+    for the low-rank branch (multiplied in l2's dtype, accumulated in fp32); bias [N]; activation
+    in ACTIVATIONS."""
     m, k = a.shape
     n = b.shape[0]
     r = 0 if xl1 is None else xl1.shape[1]
@@ -110,6 +112,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
         a, b, c, scale_a, scale_b, zero_point if zero_point is not None else scale_a,
         colsum_b if colsum_b is not None else scale_b, xl1 if r else scale_a,
         l2 if r else scale_b, bias if bias is not None else scale_b, m, n, k,
-        HAS_ZP=zero_point is not None, R=r, IEEE=r > 0 and l2.dtype == torch.float32, HAS_BIAS=bias is not None,
+        HAS_ZP=zero_point is not None, R=r, IEEE=r > 0 and l2.dtype == torch.float32,
+        HAS_BIAS=bias is not None,
         ACT=ACTIVATIONS[activation], EVEN_K=k % cfg["BLOCK_K"] == 0, GROUP_M=8, **cfg)
     return c

@@ -58,7 +58,8 @@ def activation(y: torch.Tensor, name: str | None) -> torch.Tensor:
 def int8_gemm(a, b, scale_a, scale_b, *, zero_point=None, colsum_b=None, xl1=None, l2=None,
               bias=None, activation_name=None, out_dtype=torch.bfloat16):
     """Reference of kernels.int8_gemm.int8_gemm, in the kernel's order of fp32 operations; the
-    integer product is exact, and so are the branch's products of 16-bit factors (float64 holds every sum of int8 products below 2^53)."""
+    integer product is exact (float64 holds every sum of int8 products below 2^53), and so are the
+    branch's products of 16-bit factors in fp32."""
     y = (a.double() @ b.double().T).float()
     if zero_point is not None:
         y = y - zero_point[:, None] * colsum_b[None, :]

@@ -143,7 +143,8 @@ def prepare(layer, layout: str = DEFAULT_LAYOUT) -> bool:
 def prepare_branch(layer) -> None:
     """The kernels' copy of an int8 layer's low-rank branch, its rank padded to RANK_MULTIPLE (the
     rest of the runtime layout does not depend on the branch). The branch's input is
-    rotate(x / λ) = x diag(1/λ) H, so its down factor becomes diag(1/λ) H L1, computed in fp32."""
+    rotate(x / λ) = x diag(1/λ) H, so its down factor becomes diag(1/λ) H L1, computed in
+    fp32."""
     if layer.rank:
         _set(layer, "kernel_l1", _padded_rank(folded_down(layer), 1))
         _set(layer, "kernel_l2", _padded_rank(layer.lora_up.detach(), 0))

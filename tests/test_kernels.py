@@ -97,8 +97,9 @@ def test_int8_gemm_integer_products_are_exact(m, k):
 @pytest.mark.parametrize("activation", [None, "gelu_tanh", "gelu", "silu"])
 # Triton's interpreter multiplies bf16 operands of tl.dot wrongly (3.8), so on CPU the 16-bit case
 # is fp16; a GPU checks the bf16 one that bf16 models use.
-@pytest.mark.parametrize("asym,rank,l2_dtype", [(False, 32, torch.bfloat16 if CUDA else torch.float16),
-                                                (True, 0, None), (True, 64, torch.float32)])
+@pytest.mark.parametrize("asym,rank,l2_dtype",
+                         [(False, 32, torch.bfloat16 if CUDA else torch.float16), (True, 0, None),
+                          (True, 64, torch.float32)])
 def test_int8_gemm_epilogue_matches_reference(m, activation, asym, rank, l2_dtype):
     k, n = K_AWKWARD, 80
     a, b = _int8((m, k), 3), _int8((n, k), 4)
@@ -168,18 +169,23 @@ def test_eager_launches_take_the_custom_ops_arguments():
     direct = ops._triton_functions()
     assert set(direct) == set(ops.PLAIN)
     x, lam = _x(7, 128, torch.float16), (torch.rand(128) + 0.5).to(DEVICE)
-    args = {"act_quant_group": (x, lam, 64, 16, 4, True), "act_quant_token": (x, lam, "int8-asym", False)}
+    args = {"act_quant_group": (x, lam, 64, 16, 4, True),
+            "act_quant_token": (x, lam, "int8-asym", False)}
     a, b = _int8((7, 128), 1), _int8((48, 128), 2)
     args["int8_gemm"] = (a, b, torch.rand(7, device=DEVICE), torch.rand(48, device=DEVICE), None,
                          None, None, None, None, 3, 0)
     g = torch.Generator().manual_seed(3)
-    packed = pack_codes(torch.randint(-8, 8, (48, 128), generator=g, dtype=torch.int8), 4).to(DEVICE)
-    args["unpack_int4"] = (packed, torch.randint(1, 17, (48, 2), generator=g, dtype=torch.uint8).to(DEVICE),
-                           128, 64)
-    args["w4a16_gemm"] = (x, packed, (torch.rand(48, 4, generator=g) / 10).to(DEVICE), 128, 32, None)
+    codes = torch.randint(-8, 8, (48, 128), generator=g, dtype=torch.int8)
+    packed = pack_codes(codes, 4).to(DEVICE)
+    mult = torch.randint(1, 17, (48, 2), generator=g, dtype=torch.uint8).to(DEVICE)
+    args["unpack_int4"] = (packed, mult, 128, 64)
+    scale = (torch.rand(48, 4, generator=g) / 10).to(DEVICE)
+    args["w4a16_gemm"] = (x, packed, scale, 128, 32, None)
     for name, call in args.items():
         got, want = direct[name](*call), ops.PLAIN[name](*call)
-        for g_, w_ in zip(got if isinstance(got, tuple) else (got,),
-                          want if isinstance(want, tuple) else (want,)):
-            assert g_.dtype == w_.dtype and g_.shape == w_.shape, name
-            assert torch.allclose(g_.float(), w_.float(), rtol=1e-2, atol=1e-2 * w_.float().abs().max()), name
+        for kernel_out, reference_out in zip(got if isinstance(got, tuple) else (got,),
+                                             want if isinstance(want, tuple) else (want,)):
+            assert kernel_out.dtype == reference_out.dtype, name
+            assert kernel_out.shape == reference_out.shape, name
+            tol = 1e-2 * reference_out.float().abs().max()
+            assert torch.allclose(kernel_out.float(), reference_out.float(), rtol=1e-2, atol=tol), name

@@ -1,5 +1,6 @@
 """Tile-shape sweep of the activation kernel and the INT8 GEMM on FLUX shapes (GPU), to choose the
-defaults in kernels/act_quant.py (ACT_CONFIG) and kernels/int8_gemm.py (_config).
+defaults in kernels/act_quant.py (ACT_CONFIG) and kernels/int8_gemm.py (_config), with and without
+the rank-32 branch; also times the branch's down-projection on cuBLAS.
 
     python samples/kernel_sweep.py
 """
@@ -26,8 +27,10 @@ def sweep_act():
                                 for x in xs]) * 1e3
             rows.append((t, cfg))
         rows.sort(key=lambda r: r[0])
-        print(f"act M={m} K={k} (bytes floor {floor:.0f}us): " +
-              " | ".join(f"{t:.0f}us {c}" for t, c in rows[:6]), flush=True)
+        l1 = torch.randn(k, 32, device="cuda", dtype=torch.bfloat16)
+        down = _graph_time_ms([lambda x=x: x @ l1 for x in xs]) * 1e3
+        print(f"act M={m} K={k} (bytes floor {floor:.0f}us; the branch's x L1 on cuBLAS "
+              f"{down:.0f}us): " + " | ".join(f"{t:.0f}us {c}" for t, c in rows[:6]), flush=True)
 
 
 def sweep_gemm():

@@ -33,3 +33,33 @@ def test_score_is_100_times_the_clamped_cosine_of_the_embeddings(tiny_clip_dir):
 def test_missing_model_is_reported_as_unavailable(tmp_path):
     with pytest.raises(MetricUnavailable, match="cannot load the CLIP model"):
         clip_scorer(str(tmp_path / "no-such-clip"))
+
+
+def test_pipeline_eval_scores_every_image_against_its_own_prompt(tmp_path, monkeypatch):
+    """The batched scoring of `vqz eval pipeline` pairs every image (video frames included) with the
+    prompt it was generated from, prompts[i % len(prompts)], and averages over all of them. A stand-in
+    scorer (mean pixel times the prompt's length) makes each pairing visible."""
+    from PIL import Image
+
+    from vqz.eval import pipeline_eval
+    from vqz.eval.image_sets import load_image
+
+    def scorer(model_id, device):
+        return lambda images, texts: images.mean((1, 2, 3)) * torch.tensor([len(t) for t in texts])
+
+    monkeypatch.setattr(pipeline_eval, "clip_scorer", scorer)
+    torch.manual_seed(0)
+    prompts = ["a red car", "a dog on a boat", "the city at night"]
+    count = pipeline_eval.CLIP_BATCH + 3
+    names = [f"{i:05d}.png" for i in range(count)] + [f"{count:05d}/0000.png", f"{count:05d}/0001.png"]
+    for side in ("reference", "quantized"):
+        for name in names:
+            path = tmp_path / side / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((torch.rand(8, 8, 3) * 255).to(torch.uint8).numpy()).save(path)
+    got = pipeline_eval._clip_scores("clip", prompts, [{"ref": n, "test": n} for n in names],
+                                     tmp_path, "cpu")
+    for key, side in (("clip_reference", "reference"), ("clip_test", "quantized")):
+        want = [load_image(tmp_path / side / n).mean().item() * len(prompts[int(n[:5]) % 3])
+                for n in names]
+        assert got[key]["value"] == pytest.approx(sum(want) / len(want), rel=1e-6)

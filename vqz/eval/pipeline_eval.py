@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from ..calib.pipeline import inner_progress_bars_off
@@ -62,6 +63,9 @@ def evaluate_pipeline(pipe, quantize, prompts: list[str], n: int, out, *, featur
     return result
 
 
+CLIP_BATCH = 16
+
+
 def _clip_scores(model_id: str, prompts: list[str], pairs: list[dict], out: Path, device) -> dict:
     """{"clip_reference": ..., "clip_test": ...}: the mean CLIP score of each set, every image (or
     video frame) against the prompt it was generated from."""
@@ -73,9 +77,11 @@ def _clip_scores(model_id: str, prompts: list[str], pairs: list[dict], out: Path
     for key, folder, side in (("clip_reference", out / "reference", "ref"),
                               ("clip_test", out / "quantized", "test")):
         values = []
-        for pair in pairs:  # "<i>.png" or "<i>/<frame>.png": the image index leads the path
-            index = int(Path(pair[side]).parts[0].split(".")[0])
-            image = load_image(folder / pair[side])[None]
-            values.append(score(image, [prompts[index % len(prompts)]]).item())
+        for start in range(0, len(pairs), CLIP_BATCH):  # one set's images share their size
+            paths = [pair[side] for pair in pairs[start:start + CLIP_BATCH]]
+            # "<i>.png" or "<i>/<frame>.png": the image index leads the path
+            indices = [int(Path(path).parts[0].split(".")[0]) for path in paths]
+            images = torch.stack([load_image(folder / path) for path in paths])
+            values += score(images, [prompts[i % len(prompts)] for i in indices]).tolist()
         scores[key] = {"value": sum(values) / len(values), "model": model_id}
     return scores

@@ -35,6 +35,45 @@ def trajectories(calls: int, batch: int, steps: int):
     return loop
 
 
+def timestep_sensitivity(model, n: int, steps: int, scale: float = 1e-2) -> dict[int, float]:
+    """How much the final images move per unit of error in the denoiser's output at each sampling
+    step: mean squared image change / scale² when the output of that step's call alone gets
+    Gaussian noise of std `scale` (both guidance branches), on seeds of the training data."""
+    from vqz.calib.timestep import timestep_of
+
+    base = sample(model, n=n, seed=TRAIN_SEED, steps=steps)
+    noise = torch.Generator().manual_seed(EVAL_SEED)
+    sensitivity = {}
+    for k in range(steps):
+        calls = []
+
+        def perturb(module, args, kwargs, output):
+            calls.append(timestep_of(module, args, kwargs))
+            if len(calls) - 1 == k:
+                out = output[0]
+                out = out + scale * torch.randn(out.shape, generator=noise).to(out.device, out.dtype)
+                return (out, *output[1:])
+
+        handle = model.register_forward_hook(perturb, with_kwargs=True)
+        try:
+            images = sample(model, n=n, seed=TRAIN_SEED, steps=steps)
+        finally:
+            handle.remove()
+        sensitivity[round(calls[k])] = (images - base).pow(2).mean().item() / scale**2
+    return sensitivity
+
+
+def sensitivity_weight(sensitivity: dict[int, float], power: float):
+    """timestep -> loss weight: the sensitivity of the nearest sampled timestep to the `power`,
+    over the mean of those."""
+    scaled = {t: s**power for t, s in sensitivity.items()}
+    mean = sum(scaled.values()) / len(scaled)
+
+    def weight(t):
+        return scaled[min(scaled, key=lambda s: abs(s - t))] / mean
+    return weight
+
+
 def quality(model, reference, n, steps) -> dict:
     images = sample(model, n=n, seed=EVAL_SEED, steps=steps)
     return {"psnr_db": psnr(images, reference).mean().item(), "ssim": ssim(images, reference).mean().item()}
@@ -54,6 +93,9 @@ def main():
                    "rotation")
     p.add_argument("--a8-layers", metavar="GLOB", help="layers whose inputs stay 8-bit (w4a8-qat's "
                    "activations), e.g. '*.ff.net.0.proj': a mixed recipe, not W4A4 everywhere")
+    p.add_argument("--sensitivity-power", type=float, metavar="P", help="weight each training "
+                   "call's loss by (how much an error at its timestep moves the final images)^P "
+                   "(timestep_sensitivity), instead of uniformly")
     p.add_argument("--curve-only", action="store_true", help="train and write the loss log only")
     p.add_argument("--out", help="checkpoints and the loss log")
     p.add_argument("--json")
@@ -65,7 +107,8 @@ def main():
     fp = load_reference("dit").to(state.device)
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "processes": state.num_processes, "steps": args.steps, "lr": args.lr, "smooth": args.smooth,
-               "rotate": not args.no_rotate, "a8_layers": args.a8_layers}
+               "rotate": not args.no_rotate, "a8_layers": args.a8_layers,
+               "sensitivity_power": args.sensitivity_power}
     reference = None
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
@@ -81,8 +124,14 @@ def main():
     if args.a8_layers:
         recipe = replace(recipe, rules=recipe.rules + (
             LayerRule(args.a8_layers, act=get_qat_preset("w4a8-qat").act),))
+    weight = None
+    if args.sensitivity_power is not None:
+        sensitivity = timestep_sensitivity(fp, n=16, steps=args.sample_steps)
+        results["sensitivity"] = sensitivity
+        weight = sensitivity_weight(sensitivity, args.sensitivity_power)
     log = vqz.train_qat(student, recipe, data=trajectories(args.calls, args.batch, args.sample_steps),
-                        steps=args.steps, lr=args.lr, accumulate=args.accumulate, out=args.out)
+                        steps=args.steps, lr=args.lr, accumulate=args.accumulate, out=args.out,
+                        timestep_weight=weight)
     results["qat_seconds"] = time.perf_counter() - start
     results["train_seconds"] = log.seconds
     results["samples_per_second"] = log.samples_per_second

@@ -128,12 +128,11 @@ def _triton_functions() -> dict:
 # every op runs its reference anyway), the Triton launches for eager CUDA calls. The dispatcher
 # costs 10-35 us a call (pytorch/pytorch#177109), about what a small layer's kernels take on Hopper;
 # only torch.compile needs the ops themselves.
+CUSTOM = {"act_quant_group": act_quant_group, "act_quant_token": act_quant_token,
+          "int8_gemm": int8_gemm, "unpack_int4": unpack_int4, "w4a16_gemm": w4a16_gemm}
 PLAIN = {"act_quant_group": _act_quant_group, "act_quant_token": _act_quant_token,
          "int8_gemm": _int8_gemm, "unpack_int4": _unpack_int4, "w4a16_gemm": _w4a16_gemm}
-DIRECT: dict = {}
-
 TRITON_ON_CUDA = triton_available() and torch.cuda.is_available()
-if TRITON_ON_CUDA:
-    DIRECT.update(_triton_functions())
-    for _name, _fn in DIRECT.items():
-        globals()[_name].register_kernel("cuda")(_fn)
+DIRECT = _triton_functions() if TRITON_ON_CUDA else {}
+for _name, _launch in DIRECT.items():
+    CUSTOM[_name].register_kernel("cuda")(_launch)

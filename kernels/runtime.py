@@ -86,7 +86,7 @@ def _op(name: str, device: torch.device):
     reference elsewhere."""
     if device.type != "cuda":
         return ops.PLAIN[name]
-    return getattr(ops, name) if torch.compiler.is_compiling() else ops.DIRECT[name]
+    return (ops.CUSTOM if torch.compiler.is_compiling() else ops.DIRECT)[name]
 
 
 def _set(layer, name: str, value: torch.Tensor | None) -> None:

@@ -187,14 +187,11 @@ def measure_ceilings() -> None:
 
 def bench_flux_block(tokens=4096, text_tokens=512) -> dict:
     """A FluxTransformerBlock (FLUX.1 width 3072, 24 heads) forward, BF16 vs w4a4-svd-fast (two-level
-    scales) on the kernels (speed layout), random weights: eager, and replayed from a CUDA graph
-    (what torch.compile's "reduce-overhead" mode does), which removes the CPU launch costs."""
+    scales) on the kernels (speed layout), random weights, with diffusers' separate q/k/v
+    projections and with them fused (`fuse_projections()`, one GEMM per stream): eager, and replayed
+    from a CUDA graph (what torch.compile's "reduce-overhead" mode does), which removes the CPU
+    launch costs. Keys: `<precision>_<projections>_<eager|graph>_ms`."""
     from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
-
-    import vqz
-    from vqz.config import get_preset
-
-    from .runtime import prepare_model
 
     torch.manual_seed(0)
     block = FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128)
@@ -203,20 +200,38 @@ def bench_flux_block(tokens=4096, text_tokens=512) -> dict:
                   encoder_hidden_states=torch.randn(1, text_tokens, 3072, device="cuda",
                                                     dtype=torch.bfloat16),
                   temb=torch.randn(1, 3072, device="cuda", dtype=torch.bfloat16))
+    result = {}
     with torch.no_grad():
-        bf16 = _eager_time_ms(lambda: block(**inputs))
-        bf16_graph = _graph_time_ms([lambda: block(**inputs)])
         ref = block(**inputs)[0].float()
-        cfg = get_preset("w4a4-svd-fast")
-        q = vqz.quantize(block, cfg, calib=lambda b: b(**inputs))
-        layers = prepare_model(q)
-        w4 = _eager_time_ms(lambda: q(**inputs))
-        w4_graph = _graph_time_ms([lambda: q(**inputs)])
-        out = q(**inputs)[0].float()
-    sqnr = 10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean()).item()
-    return {"bf16_ms": bf16, "w4a4_svd_ms": w4, "speedup": bf16 / w4, "bf16_graph_ms": bf16_graph,
-            "w4a4_svd_graph_ms": w4_graph, "graph_speedup": bf16_graph / w4_graph,
-            "kernel_layers": layers, "sqnr_db": sqnr}
+        for projections in ("separate", "fused"):
+            if projections == "fused":
+                block.attn.fuse_projections()
+            result.update(_time_block(block, inputs, ref, projections))
+    for projections in ("separate", "fused"):
+        for mode in ("eager", "graph"):
+            key = f"{projections}_{mode}"
+            result[f"speedup_{key}"] = result[f"bf16_{key}_ms"] / result[f"w4a4_svd_{key}_ms"]
+    return result
+
+
+def _time_block(block, inputs, ref, projections: str) -> dict:
+    """Eager and CUDA-graph times of `block` in BF16 and quantized (a copy), and the SQNR."""
+    import copy
+
+    import vqz
+    from vqz.config import get_preset
+
+    from .runtime import prepare_model
+
+    q = vqz.quantize(copy.deepcopy(block), get_preset("w4a4-svd-fast"), calib=lambda b: b(**inputs))
+    out = {"kernel_layers_" + projections: prepare_model(q)}
+    for name, model in (("bf16", block), ("w4a4_svd", q)):
+        out[f"{name}_{projections}_eager_ms"] = _eager_time_ms(lambda: model(**inputs))
+        out[f"{name}_{projections}_graph_ms"] = _graph_time_ms([lambda: model(**inputs)])
+    y = q(**inputs)[0].float()
+    out["sqnr_db_" + projections] = 10 * torch.log10(ref.pow(2).mean()
+                                                     / (y - ref).pow(2).mean()).item()
+    return out
 
 
 def run(json_path: str | None = None, quick: bool = False) -> dict:
@@ -244,10 +259,12 @@ def run(json_path: str | None = None, quick: bool = False) -> dict:
     if not quick:
         result["flux_block"] = bench_flux_block()
         fb = result["flux_block"]
-        print(f"FLUX block: eager bf16 {fb['bf16_ms']:.3f} ms, w4a4-svd {fb['w4a4_svd_ms']:.3f} ms "
-              f"({fb['speedup']:.2f}x); CUDA graph bf16 {fb['bf16_graph_ms']:.3f} ms, w4a4-svd "
-              f"{fb['w4a4_svd_graph_ms']:.3f} ms ({fb['graph_speedup']:.2f}x); SQNR "
-              f"{fb['sqnr_db']:.1f} dB", flush=True)
+        for key in ("separate_eager", "separate_graph", "fused_eager", "fused_graph"):
+            print(f"FLUX block, {key.replace('_', ' q/k/v, ')}: bf16 {fb[f'bf16_{key}_ms']:.3f} ms, "
+                  f"w4a4-svd {fb[f'w4a4_svd_{key}_ms']:.3f} ms ({fb['speedup_' + key]:.2f}x)",
+                  flush=True)
+        print(f"FLUX block SQNR: separate {fb['sqnr_db_separate']:.1f} dB, fused "
+              f"{fb['sqnr_db_fused']:.1f} dB", flush=True)
     if json_path:
         _write(json_path, result)
     return result

@@ -12,6 +12,7 @@ from torch import nn
 import vqz
 from vqz.eval.images import sqnr
 from vqz.nn import QuantConv2d, QuantLinear, QuantModule
+from vqz.patch import FUSED_PROJECTIONS
 from vqz.pipelines import adapter_for
 
 pytest.importorskip("diffusers")
@@ -195,6 +196,34 @@ def test_save_load_is_exact(zoo, tiny_denoisers, tmp_path, name):
         skeleton = tiny_denoisers.FAMILIES[name][0]()
     vqz.load(skeleton, tmp_path / "q.safetensors")
     assert torch.equal(_run(skeleton, x), _run(q, x))
+
+
+@pytest.mark.parametrize("name", ["flux", "pixart"])
+def test_fused_projections_are_quantized_in_place_of_the_separate_ones(zoo, tiny_denoisers,
+                                                                      tmp_path, name):
+    """After diffusers' fuse_qkv_projections() the attention calls to_qkv (and to_added_qkv), not
+    the separate projections it keeps: those are reported superseded and stay unquantized."""
+    accelerate = pytest.importorskip("accelerate")
+    build, inputs = tiny_denoisers.FAMILIES[name]
+    model = copy.deepcopy(zoo(name)[0])
+    model.fuse_qkv_projections()
+    ref = _run(model, inputs(0))
+    q = vqz.quantize(model, "w4a4-svd", **_overrides(name, "w4a4-svd", inputs))
+    status = {row["name"]: row["status"] for row in vqz.summary(q)}
+    fused = [n for n in status if n.rpartition(".")[2] in FUSED_PROJECTIONS]
+    assert fused and all(isinstance(q.get_submodule(n), QuantLinear) for n in fused)
+    for n in fused:
+        attn, _, kind = n.rpartition(".")
+        for part in FUSED_PROJECTIONS[kind]:
+            assert type(q.get_submodule(f"{attn}.{part}")) is nn.Linear
+            assert "superseded" in status[f"{attn}.{part}"], status[f"{attn}.{part}"]
+    assert sqnr(_run(q, inputs(0)), ref) >= 5.0
+    vqz.save(q, tmp_path / "q.safetensors")
+    with accelerate.init_empty_weights():
+        skeleton = build()
+    skeleton.fuse_qkv_projections()
+    vqz.load(skeleton, tmp_path / "q.safetensors")
+    assert torch.equal(_run(skeleton, inputs(5)), _run(q, inputs(5)))
 
 
 def test_other_models_use_the_generic_adapter(convnet):

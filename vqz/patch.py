@@ -94,12 +94,14 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, default_rules: tuple = (),
     rules = tuple(default_rules) + cfg.rules
     plan, too_big = Plan(), []
     unwrapped_reads = {}  # Linear children read through .weight by an attention left unwrapped
+    superseded = superseded_projections(model)
     for name, module in model.named_modules():
         if isinstance(module, QuantModule):
             raise ValueError(f"layer {name!r} is already quantized; quantize a fresh copy of the "
                              f"full-precision model")
-        if name in unwrapped_reads:
-            plan.skipped.append(Skipped(name, type(module).__name__, unwrapped_reads[name]))
+        if name in unwrapped_reads or name in superseded:
+            reason = unwrapped_reads.get(name) or superseded[name]
+            plan.skipped.append(Skipped(name, type(module).__name__, reason))
             continue
         claimed = is_attention is not None and is_attention(module)
         kind = "Attention" if claimed and cfg.attn is not None else layer_kind(module)
@@ -127,6 +129,28 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, default_rules: tuple = (),
         raise ValueError(f"low-rank branch rank larger than the layer allows (name, rank, "
                          f"min(N, K)): {too_big[:5]}; pass a smaller rank= or exclude these layers")
     return plan
+
+
+# diffusers' fuse_projections() adds one projection per group of separate ones sharing an input
+# and keeps the separate ones, which the attention then no longer calls.
+FUSED_PROJECTIONS = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
+                     "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def superseded_projections(model: nn.Module) -> dict[str, str]:
+    """{name: reason} of the projections that a diffusers attention with fused projections
+    (`fuse_qkv_projections()`) no longer calls: they stay in full precision, unquantized."""
+    found = {}
+    for name, module in model.named_modules():
+        if not getattr(module, "fused_projections", False):
+            continue
+        prefix = f"{name}." if name else ""
+        for fused, parts in FUSED_PROJECTIONS.items():
+            if isinstance(getattr(module, fused, None), nn.Module):
+                for part in parts:
+                    found[prefix + part] = (f"superseded by the fused {prefix}{fused} "
+                                            f"(fuse_qkv_projections); not called, not quantized")
+    return found
 
 
 def _note_weight_reads(name: str, module: nn.Module, claimed: bool, reads: dict) -> None:

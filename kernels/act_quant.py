@@ -75,15 +75,14 @@ def _store_codes(a_ptr, a, rows, cols, M, K):
 
 
 @triton.jit
-def _row_range_kernel(x_ptr, smooth_ptr, hi_ptr, lo_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr,
-                      ROTATE: tl.constexpr, SIGNED: tl.constexpr, CHUNK: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per row and K chunk: max|x/λ| (SIGNED: max and min, both ranges holding 0) -> [chunks, M]."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    chunk = tl.program_id(1)
+def _row_range(x_ptr, smooth_ptr, rows, k_start, k_end, M, K, stride_xm, HAS_SMOOTH: tl.constexpr,
+               ROTATE: tl.constexpr, SIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """max|x/λ| of each row over columns [k_start, k_end) (SIGNED: max and min, both ranges
+    holding 0)."""
     hi = tl.zeros([BLOCK_M], tl.float32)
     lo = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, K), BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         v = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH, ROTATE,
                            BLOCK_M, BLOCK_K).to(tl.float32)
@@ -93,6 +92,19 @@ def _row_range_kernel(x_ptr, smooth_ptr, hi_ptr, lo_ptr, M, K, stride_xm, HAS_SM
             lo = tl.minimum(lo, tl.min(tl.where(valid, v, float("inf")), axis=1))
         else:
             hi = tl.maximum(hi, tl.max(tl.abs(v), axis=1))
+    return hi, lo
+
+
+@triton.jit
+def _row_range_kernel(x_ptr, smooth_ptr, hi_ptr, lo_ptr, M, K, stride_xm, HAS_SMOOTH: tl.constexpr,
+                      ROTATE: tl.constexpr, SIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per row and K chunk: the row range of _row_range -> [chunks, M]."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    chunk = tl.program_id(1)
+    hi, lo = _row_range(x_ptr, smooth_ptr, rows, chunk * CHUNK,
+                        tl.minimum(chunk * CHUNK + CHUNK, K), M, K, stride_xm, HAS_SMOOTH, ROTATE,
+                        SIGNED, BLOCK_M, BLOCK_K)
     tl.store(hi_ptr + chunk * M + rows, hi, mask=rows < M)
     if SIGNED:
         tl.store(lo_ptr + chunk * M + rows, lo, mask=rows < M)
@@ -113,13 +125,19 @@ def _gather_range(part_ptr, rows, M, CHUNKS, CHUNKS_P2: tl.constexpr, SIGN: tl.c
 def _act_group_kernel(x_ptr, smooth_ptr, hi_ptr, a_ptr, unit_ptr, M, K, stride_xm, CHUNKS,
                       HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, GROUP: tl.constexpr,
                       LEVELS: tl.constexpr,
-                      QMIN: tl.constexpr, QMAX: tl.constexpr, CHUNK: tl.constexpr,
+                      QMIN: tl.constexpr, QMAX: tl.constexpr, INLINE: tl.constexpr,
+                      CHUNK: tl.constexpr,
                       CHUNKS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Symmetric INT codes per token per group with two-level scales, for one K chunk of a row
-    block: a = code * multiplier (int8), unit [M] fp32 (chunk 0 writes it)."""
+    block: a = code * multiplier (int8), unit [M] fp32 (chunk 0 writes it). INLINE: one chunk,
+    whose program finds the row range itself (no _row_range_kernel launch)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = tl.program_id(1)
-    amax = _gather_range(hi_ptr, rows, M, CHUNKS, CHUNKS_P2, 1)
+    if INLINE:
+        amax, _ = _row_range(x_ptr, smooth_ptr, rows, 0, K, M, K, stride_xm, HAS_SMOOTH, ROTATE,
+                             False, BLOCK_M, BLOCK_K)
+    else:
+        amax = _gather_range(hi_ptr, rows, M, CHUNKS, CHUNKS_P2, 1)
     unit = tl.math.div_rn(tl.maximum(amax, _RANGE_FLOOR) * (1.0 / QMAX), LEVELS)
     if chunk == 0:
         tl.store(unit_ptr + rows, unit, mask=rows < M)
@@ -141,16 +159,22 @@ def _act_group_kernel(x_ptr, smooth_ptr, hi_ptr, a_ptr, unit_ptr, M, K, stride_x
 @triton.jit
 def _act_token_kernel(x_ptr, smooth_ptr, hi_ptr, lo_ptr, a_ptr, scale_ptr, zp_ptr, M, K, stride_xm,
                       CHUNKS, HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, MODE: tl.constexpr,
-                      CHUNK: tl.constexpr,
+                      INLINE: tl.constexpr, CHUNK: tl.constexpr,
                       CHUNKS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """One scale per token, for one K chunk of a row block. MODE 0: symmetric int8; 1: asymmetric
     int8, stored as code - 128 with zero point - 128 (the GEMM corrects with W's column sums);
-    2: FP8 E4M3."""
+    2: FP8 E4M3. INLINE as in _act_group_kernel."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = tl.program_id(1)
-    hi = _gather_range(hi_ptr, rows, M, CHUNKS, CHUNKS_P2, 1)
+    if INLINE:
+        hi, lo = _row_range(x_ptr, smooth_ptr, rows, 0, K, M, K, stride_xm, HAS_SMOOTH, ROTATE,
+                            MODE == 1, BLOCK_M, BLOCK_K)
+    else:
+        hi = _gather_range(hi_ptr, rows, M, CHUNKS, CHUNKS_P2, 1)
+        lo = hi
+        if MODE == 1:
+            lo = _gather_range(lo_ptr, rows, M, CHUNKS, CHUNKS_P2, -1)
     if MODE == 1:
-        lo = _gather_range(lo_ptr, rows, M, CHUNKS, CHUNKS_P2, -1)
         scale = tl.maximum(hi - lo, _RANGE_FLOOR) * (1.0 / 255.0)
         zp = tl.minimum(tl.maximum(_rne(tl.math.div_rn(-lo, scale)), 0.0), 255.0)
         if chunk == 0:
@@ -180,10 +204,16 @@ TOKEN_MODES = {"int8": 0, "int8-asym": 1, "e4m3": 2}
 # Rows per program, columns per loop step, and columns per program: row blocks are split along K so
 # that thousands of programs keep enough loads in flight (one program per row block ran at 0.3 TB/s).
 ACT_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, CHUNK=512, num_warps=4)  # best on H100 across K
+# Up to K = 4096 one launch does as well: each program finds its 4 rows' range itself, then reads
+# them again from L2 (H200: 25 us against 26 at 4608x3072, 9 against 10 at 1024x3072; 97 against
+# 90 at K = 12288), and an eager call saves a launch (samples/kernel_sweep.py --act-only).
+INLINE_CONFIG = dict(BLOCK_M=4, BLOCK_K=1024, CHUNK=0, num_warps=4, INLINE=True)
+INLINE_MAX_K = 4096
 
 
 class _Launch:
-    """Shapes, outputs and the row-range pass shared by the two activation kernels."""
+    """Shapes, outputs and the row-range pass (unless INLINE) shared by the two activation
+    kernels."""
 
     def __init__(self, x, smooth, config, signed, rotate, granule=1):
         if x.stride(-1) != 1:
@@ -194,13 +224,19 @@ class _Launch:
             if k % ROTATION_BLOCK:
                 raise ValueError(f"the rotation works on blocks of {ROTATION_BLOCK} channels; K = {k}")
             granule = max(granule, ROTATION_BLOCK)  # a tile holds whole blocks
-        cfg = dict(config or ACT_CONFIG)
+        cfg = dict(config or (INLINE_CONFIG if k <= INLINE_MAX_K else ACT_CONFIG))
+        cfg.setdefault("INLINE", False)
         cfg["BLOCK_K"] = max(granule, cfg["BLOCK_K"] // granule * granule)
+        if cfg["INLINE"]:  # one chunk: the whole row
+            cfg["CHUNK"] = triton.cdiv(k, cfg["BLOCK_K"]) * cfg["BLOCK_K"]
         cfg["CHUNK"] = max(cfg["BLOCK_K"], cfg["CHUNK"] // cfg["BLOCK_K"] * cfg["BLOCK_K"])
         self.cfg = cfg
         self.chunks = triton.cdiv(k, cfg["CHUNK"])
         self.grid = (triton.cdiv(m, cfg["BLOCK_M"]), self.chunks)
         self.dummy = x.new_empty(0)
+        if cfg["INLINE"]:
+            self.hi = self.lo = self.dummy
+            return
         self.hi = x.new_empty(self.chunks, m, dtype=torch.float32)
         self.lo = x.new_empty(self.chunks, m, dtype=torch.float32) if signed else self.hi
         _row_range_kernel[self.grid](

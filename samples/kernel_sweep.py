@@ -2,9 +2,10 @@
 defaults in kernels/act_quant.py (ACT_CONFIG) and kernels/int8_gemm.py (_config), with and without
 the rank-32 branch; also times the branch's down-projection on cuBLAS.
 
-    python samples/kernel_sweep.py
+    python samples/kernel_sweep.py [--act-only]
 """
 import itertools
+import sys
 
 import torch
 
@@ -20,13 +21,19 @@ def sweep_act():
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         lam = torch.rand(k, device="cuda") + 0.5
         floor = m * k * 3 / 3.0e12 * 1e6
+        two_pass = [dict(BLOCK_M=bm, BLOCK_K=bk, CHUNK=chunk, num_warps=w) for bm, bk, chunk, w
+                    in itertools.product((32,), (128, 256), (512, 1024), (4, 8))]
+        # one launch: each program finds its rows' range itself, then reads them again (from L2)
+        inline = [dict(BLOCK_M=bm, BLOCK_K=bk, CHUNK=0, num_warps=w, INLINE=True) for bm, bk, w
+                  in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024), (4, 8))]
         rows = []
-        for bm, bk, chunk, w in itertools.product((32, 64), (128, 256), (256, 512, 1024), (4, 8)):
-            cfg = dict(BLOCK_M=bm, BLOCK_K=bk, CHUNK=chunk, num_warps=w)
+        for cfg in two_pass + inline:
             t = _graph_time_ms([lambda x=x: act_quant.act_quant_group(x, lam, config=cfg)
                                 for x in xs]) * 1e3
             rows.append((t, cfg))
         rows.sort(key=lambda r: r[0])
+        print(f"act M={m} K={k}: best two-pass {min(t for t, c in rows if 'INLINE' not in c):.0f}us, "
+              f"best one-launch {min(t for t, c in rows if 'INLINE' in c):.0f}us", flush=True)
         l1 = torch.randn(k, 32, device="cuda", dtype=torch.bfloat16)
         down = _graph_time_ms([lambda x=x: x @ l1 for x in xs]) * 1e3
         print(f"act M={m} K={k} (bytes floor {floor:.0f}us; the branch's x L1 on cuBLAS "
@@ -60,4 +67,5 @@ def sweep_gemm():
 
 if __name__ == "__main__":
     sweep_act()
-    sweep_gemm()
+    if "--act-only" not in sys.argv:
+        sweep_gemm()

@@ -146,9 +146,10 @@ def test_w4a16_gemm_matches_reference(m, dtype, k, group):
     assert (y.float() - want).abs().mean() < 2e-3 * want.abs().mean()
 
 
-@pytest.mark.parametrize("mode", ["group", "int8-asym"])
+@pytest.mark.parametrize("mode", ["group", "int8-asym", "int8"])
 def test_activation_kernels_split_along_k_give_the_same_codes(mode):
-    """Row ranges gathered from many K chunks equal the one-chunk result."""
+    """Row ranges gathered from many K chunks, or found by one program over the whole row without
+    the separate range pass (INLINE), equal the one-chunk result."""
     x = _x(33, 1000, torch.float16)
     small = dict(BLOCK_M=16, BLOCK_K=64, CHUNK=128, num_warps=4)
     if mode == "group":
@@ -156,9 +157,9 @@ def test_activation_kernels_split_along_k_give_the_same_codes(mode):
     else:
         run = lambda cfg: act_quant.act_quant_token(x, None, mode=mode, config=cfg)  # noqa: E731
     one = run(dict(small, CHUNK=1024))
-    many = run(small)
-    for a, b in zip(one, many):
-        assert a is None and b is None or torch.equal(a, b)
+    for other in (run(small), run(dict(small, BLOCK_M=2, INLINE=True))):
+        for a, b in zip(one, other):
+            assert a is None and b is None or torch.equal(a, b)
 
 
 def test_eager_launches_take_the_custom_ops_arguments():

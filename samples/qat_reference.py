@@ -24,7 +24,7 @@ from vqz.config import LayerRule, get_qat_preset
 from vqz.eval.images import psnr, ssim
 from vqz.pipelines.reference import load_reference, sample
 
-EVAL_SEED, CALIB_SEED, TRAIN_SEED = 0, 1000, 2000
+EVAL_SEED, CALIB_SEED, TRAIN_SEED, HELD_OUT_SEED = 0, 1000, 2000, 3000
 
 
 def trajectories(calls: int, batch: int, steps: int):
@@ -74,6 +74,32 @@ def sensitivity_weight(sensitivity: dict[int, float], power: float):
     return weight
 
 
+def held_out_calls(fp, steps: int, n: int = 16):
+    """The full-precision model's calls (inputs and outputs) along its own trajectories on seeds
+    used neither for training nor for evaluation."""
+    from vqz.qat.data import record_calls
+
+    return record_calls(fp, lambda: sample(fp, n=n, seed=HELD_OUT_SEED, steps=steps))
+
+
+@torch.no_grad()
+def call_error(model, records) -> dict:
+    """Mean squared error of `model`'s prediction against the full-precision one at the same
+    inputs, over all records and over the high-noise (t >= 500) and low-noise halves: the
+    per-call error the training minimises, without the drift of the model's own trajectories."""
+    from vqz.calib.sources import device_of, to_device
+    from vqz.qat.data import first_tensor
+
+    device = device_of(model)
+    errors = {"all": [], "t>=500": [], "t<500": []}
+    for r in records:
+        out = first_tensor(model(*to_device(r.args, device), **to_device(r.kwargs, device)))
+        error = (out.float().cpu() - r.target.float()).pow(2).mean().item()
+        errors["all"].append(error)
+        errors["t>=500" if r.timestep >= 500 else "t<500"].append(error)
+    return {k: sum(v) / len(v) for k, v in errors.items() if v}
+
+
 def quality(model, reference, n, steps) -> dict:
     images = sample(model, n=n, seed=EVAL_SEED, steps=steps)
     return {"psnr_db": psnr(images, reference).mean().item(), "ssim": ssim(images, reference).mean().item()}
@@ -96,6 +122,8 @@ def main():
     p.add_argument("--sensitivity-power", type=float, metavar="P", help="weight each training "
                    "call's loss by (how much an error at its timestep moves the final images)^P "
                    "(timestep_sensitivity), instead of uniformly")
+    p.add_argument("--decay-fraction", type=float, default=0.75, help="share of the steps over "
+                   "which the auxiliary branch's rank decays to 0 (the rest trains at rank 0)")
     p.add_argument("--curve-only", action="store_true", help="train and write the loss log only")
     p.add_argument("--out", help="checkpoints and the loss log")
     p.add_argument("--json")
@@ -108,15 +136,17 @@ def main():
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "processes": state.num_processes, "steps": args.steps, "lr": args.lr, "smooth": args.smooth,
                "rotate": not args.no_rotate, "a8_layers": args.a8_layers,
-               "sensitivity_power": args.sensitivity_power}
-    reference = None
+               "sensitivity_power": args.sensitivity_power, "decay_fraction": args.decay_fraction}
+    reference = held_out = None
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
+        held_out = held_out_calls(fp, args.sample_steps)
         start = time.perf_counter()
         ptq = vqz.quantize(copy.deepcopy(fp), "w4a4-svd",
                            calib=lambda m: sample(m, n=16, seed=CALIB_SEED, steps=args.sample_steps))
         results["ptq_w4a4_svd"] = {**quality(ptq, reference, args.n, args.sample_steps),
-                                   "seconds": time.perf_counter() - start}
+                                   "seconds": time.perf_counter() - start,
+                                   "call_mse": call_error(ptq, held_out)}
         print(f"PTQ w4a4-svd: {results['ptq_w4a4_svd']}", flush=True)
     student = copy.deepcopy(fp)
     start = time.perf_counter()
@@ -131,14 +161,15 @@ def main():
         weight = sensitivity_weight(sensitivity, args.sensitivity_power)
     log = vqz.train_qat(student, recipe, data=trajectories(args.calls, args.batch, args.sample_steps),
                         steps=args.steps, lr=args.lr, accumulate=args.accumulate, out=args.out,
-                        timestep_weight=weight)
+                        timestep_weight=weight, decay_fraction=args.decay_fraction)
     results["qat_seconds"] = time.perf_counter() - start
     results["train_seconds"] = log.seconds
     results["samples_per_second"] = log.samples_per_second
     results["loss_first_100"] = sum(log.losses[:100]) / len(log.losses[:100])
     results["loss_last_100"] = sum(log.losses[-100:]) / len(log.losses[-100:])
     if not args.curve_only and state.is_main_process:
-        results["qat_w4a4"] = quality(student, reference, args.n, args.sample_steps)
+        results["qat_w4a4"] = {**quality(student, reference, args.n, args.sample_steps),
+                               "call_mse": call_error(student, held_out)}
         print(f"QAT w4a4-qat: {results['qat_w4a4']}", flush=True)
     if state.is_main_process:
         print(json.dumps(results, indent=2))

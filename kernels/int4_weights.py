@@ -7,7 +7,8 @@ even index of K in the low nibble, two's complement).
   at 0.45-0.64x of BF16; a separate pass costs one read of 4-bit and one write of 8-bit weights).
 - `w4a16_gemm`: y = x Wᵀ with W = code * fp32 group scale, for few tokens (M <= 64), where the layer
   is memory-bound and unpacking in registers is cheap against the bytes it saves. Split-K partial
-  sums go to a workspace and are added in a fixed order: deterministic.
+  sums go to a workspace and a second pass adds them in a fixed order (deterministic), with the
+  bias and the cast to the output dtype.
 """
 from __future__ import annotations
 
@@ -53,9 +54,11 @@ def unpack_int4(packed: torch.Tensor, multiplier: torch.Tensor, k: int, group: i
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, p_ptr, s_ptr, part_ptr, M, N, K, KH, G, stride_xm, K_PER_SPLIT,
-                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """part[split, m, n] = sum over this split's groups g of s[n, g] * (x[m, g] . codes[n, g])."""
+def _w4a16_kernel(x_ptr, p_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, KH, G, stride_xm, K_PER_SPLIT,
+                  GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sum over this split's groups g of s[n, g] * (x[m, g] . codes[n, g]): with FINAL (one split)
+    y[m, n] plus bias in out's dtype, else the fp32 partial part[split, m, n]."""
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,32 +76,64 @@ def _w4a16_kernel(x_ptr, p_ptr, s_ptr, part_ptr, M, N, K, KH, G, stride_xm, K_PE
         scale = tl.load(s_ptr + bn * G + k0 // GROUP)
         acc += tl.dot(x, w) * scale[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(part_ptr + split * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+    if FINAL:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + bn).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + split * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, bias_ptr, y_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """y = sum of the partials in split order (deterministic) plus bias, in y's dtype."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for split in range(0, SPLITS):
+        acc += tl.load(part_ptr + split * MN + i, mask=i < MN, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + i % N, mask=i < MN, other=0.0).to(tl.float32)
+    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=i < MN)
+
+
+# Output columns per program and programs per multiprocessor that split K aims at (H200 sweep,
+# samples/kernel_sweep.py --w4a16; issuing the loads of 2 or 4 groups per loop step did not help).
+W4A16_CONFIG = dict(BLOCK_N=32, WAVES=8, num_warps=4, num_stages=3)
 
 
 def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int, group: int,
-               bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
-    """x [M, K] 16-bit, packed [N, ceil(K/2)] uint8, scale [N, G] fp32 -> y [M, N] in x's dtype."""
+               bias: torch.Tensor | None = None, split_k: int | None = None,
+               config: dict | None = None) -> torch.Tensor:
+    """x [M, K] 16-bit, packed [N, ceil(K/2)] uint8, scale [N, G] fp32 -> y [M, N] in x's dtype.
+    K is split over enough programs to fill the GPU (`split_k` forces a number of splits); with
+    one split the kernel writes y itself, else a second pass adds the partials in order."""
     if group % 32:
         raise ValueError(f"the W4A16 kernel needs a group size divisible by 32, got {group}")
     if x.stride(-1) != 1:
         x = x.contiguous()
+    cfg = dict(config or W4A16_CONFIG)
+    block_n, waves = cfg.pop("BLOCK_N"), cfg.pop("WAVES")
     m = x.shape[0]
     n, kh = packed.shape
-    block_n = 64
     groups = triton.cdiv(k, group)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, 16)
-    if split_k is None:  # enough programs to cover the multiprocessors about four times
+    if split_k is None:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-        split_k = max(1, min(groups, 4 * sms // tiles))
+        split_k = max(1, min(groups, waves * sms // tiles))
     k_per_split = triton.cdiv(groups, split_k) * group
     split_k = triton.cdiv(k, k_per_split)
-    part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    final = split_k == 1
+    out = y if final else torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else scale
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, 16), split_k)
-    _w4a16_kernel[grid](x, packed, scale, part, m, n, k, kh, scale.shape[1], x.stride(0),
-                        k_per_split, GROUP=group, BLOCK_M=16, BLOCK_N=block_n, num_warps=4,
-                        num_stages=4)
-    y = part.sum(0)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    _w4a16_kernel[grid](x, packed, scale, bias_arg, out, m, n, k, kh, scale.shape[1], x.stride(0),
+                        k_per_split, GROUP=group, HAS_BIAS=has_bias, FINAL=final, BLOCK_M=16,
+                        BLOCK_N=block_n, **cfg)
+    if not final:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(m * n, block),)](out, bias_arg, y, m * n, n, split_k,
+                                                        HAS_BIAS=has_bias, BLOCK=block)
+    return y

@@ -2,7 +2,7 @@
 defaults in kernels/act_quant.py (ACT_CONFIG) and kernels/int8_gemm.py (_config), with and without
 the rank-32 branch; also times the branch's down-projection on cuBLAS.
 
-    python samples/kernel_sweep.py [--act-only]
+    python samples/kernel_sweep.py [--act-only | --w4a16]
 """
 import itertools
 import sys
@@ -65,7 +65,33 @@ def sweep_gemm():
               " | ".join(f"{t:.0f}us ({bf16 / t:.2f}x) {c}" for t, c in rows[:6]), flush=True)
 
 
+def sweep_w4a16():
+    """W4A16 at M = 1 and 16 on FLUX's weight shapes: columns per program, how many programs per
+    multiprocessor split K aims at, pipeline depth."""
+    from vqz.kernels.bench import _copies
+    from vqz.kernels.int4_weights import w4a16_gemm
+
+    for m, (n, k) in itertools.product((1, 16), [(9216, 3072), (12288, 3072), (3072, 12288),
+                                                 (3072, 3072)]):
+        layers = [_Layer(n, k, seed) for seed in range(_copies(n * k * 2))]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        bf16 = _graph_time_ms([lambda w=layer.w: x @ w.T for layer in layers]) * 1e3
+        rows = []
+        for bn, waves, stages in itertools.product((16, 32, 64), (1, 2, 4, 8), (3, 6)):
+            cfg = dict(BLOCK_N=bn, WAVES=waves, num_warps=4, num_stages=stages)
+            t = _graph_time_ms([lambda layer=layer: w4a16_gemm(x, layer.packed, layer.w16_scale, k,
+                                                               128, config=cfg)
+                                for layer in layers]) * 1e3
+            rows.append((t, cfg))
+        rows.sort(key=lambda r: r[0])
+        print(f"w4a16 M={m} {n}x{k}: bf16 {bf16:.1f}us | " +
+              " | ".join(f"{t:.1f}us ({bf16 / t:.2f}x) {c}" for t, c in rows[:5]), flush=True)
+
+
 if __name__ == "__main__":
-    sweep_act()
-    if "--act-only" not in sys.argv:
+    if "--w4a16" in sys.argv:
+        sweep_w4a16()
+    else:
+        sweep_act()
+    if not {"--act-only", "--w4a16"} & set(sys.argv):
         sweep_gemm()

@@ -122,6 +122,8 @@ def main():
     p.add_argument("--sensitivity-power", type=float, metavar="P", help="weight each training "
                    "call's loss by (how much an error at its timestep moves the final images)^P "
                    "(timestep_sensitivity), instead of uniformly")
+    p.add_argument("--rank", type=int, help="the auxiliary branch's starting rank (default: the "
+                   "preset's 32; 0: plain QAT from the rank-0 quantization)")
     p.add_argument("--decay-fraction", type=float, default=0.75, help="share of the steps over "
                    "which the auxiliary branch's rank decays to 0 (the rest trains at rank 0)")
     p.add_argument("--curve-only", action="store_true", help="train and write the loss log only")
@@ -136,7 +138,7 @@ def main():
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "processes": state.num_processes, "steps": args.steps, "lr": args.lr, "smooth": args.smooth,
                "rotate": not args.no_rotate, "a8_layers": args.a8_layers,
-               "sensitivity_power": args.sensitivity_power, "decay_fraction": args.decay_fraction}
+               "sensitivity_power": args.sensitivity_power, "decay_fraction": args.decay_fraction, "rank": args.rank}
     reference = held_out = None
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
@@ -151,6 +153,8 @@ def main():
     student = copy.deepcopy(fp)
     start = time.perf_counter()
     recipe = replace(get_qat_preset("w4a4-qat"), smooth=args.smooth, rotate=not args.no_rotate)
+    if args.rank is not None:
+        recipe = replace(recipe, rank=args.rank)
     if args.a8_layers:
         recipe = replace(recipe, rules=recipe.rules + (
             LayerRule(args.a8_layers, act=get_qat_preset("w4a8-qat").act),))

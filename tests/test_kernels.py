@@ -139,11 +139,12 @@ def test_w4a16_gemm_matches_reference(m, dtype, k, group):
     scale = (torch.rand(n, -(-k // group), generator=g) / 10).to(DEVICE)
     x = _x(m, k, dtype)
     bias = torch.randn(n, device=DEVICE, dtype=dtype)
-    y = _twice(int4_weights.w4a16_gemm, x, packed, scale, k, group, bias)
     want = reference.w4a16_gemm(x.float(), packed, scale, k, group, bias)
-    # the kernel rounds only its output to 16 bits
-    assert torch.allclose(y.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
-    assert (y.float() - want).abs().mean() < 2e-3 * want.abs().mean()
+    for split_k in (None, 1, 3):  # the default, one split (no second pass), partials summed
+        y = _twice(int4_weights.w4a16_gemm, x, packed, scale, k, group, bias, split_k)
+        # the kernel rounds only its output to 16 bits
+        assert torch.allclose(y.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+        assert (y.float() - want).abs().mean() < 2e-3 * want.abs().mean()
 
 
 @pytest.mark.parametrize("mode", ["group", "int8-asym", "int8"])

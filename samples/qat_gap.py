@@ -1,6 +1,7 @@
 """Where the rank-0 QAT gap comes from, measured without training: PTQ of the reference DiT from
-`w4a4-svd` step by step to what `w4a4-qat` starts from (rank-32 branch, asymmetric activations,
-rotation, no smoothing) and what it ends as before any training (the same at rank 0). For each:
+`w4a4-svd` step by step to `w4a4-qat`'s quantizers (asymmetric activations, rotation, no
+smoothing), with SVDQuant's rank-32 branch and at rank 0 (what QAT ends as, before any training;
+QAT's own start differs: its branch corrects Q(W) instead of taking W's top singular part). For each:
 PSNR of samples vs full precision (same seeds) and the per-call error of the denoiser's output on
 held-out full-precision trajectories (the quantity QAT minimises), overall and per noise half.
 
@@ -29,10 +30,10 @@ def variants() -> dict:
         "w4a4-svd, no smoothing": replace(svd, smooth=False),
         "w4a4-svd, asymmetric activations": replace(svd, act=asym),
         "w4a4-svd, asymmetric activations, rotation": replace(svd, act=asym, rotate=True),
-        "w4a4-qat's start: asymmetric, rotation, no smoothing, rank 32":
+        "asymmetric, rotation, no smoothing (w4a4-qat's quantizers), rank-32 branch":
             replace(svd, act=asym, rotate=True, smooth=False),
-        "w4a4-qat's end untrained: the same at rank 0": replace(svd, act=asym, rotate=True,
-                                                                smooth=False, rank=0),
+        "the same at rank 0 (w4a4-qat's end state, untrained)":
+            replace(svd, act=asym, rotate=True, smooth=False, rank=0),
         "rank 0, asymmetric, rotation, smoothing": replace(svd, act=asym, rotate=True, rank=0),
         "rank 0, asymmetric, smoothing": replace(svd, act=asym, rank=0),
     }
@@ -55,7 +56,7 @@ def main():
         rows.append({"variant": label, "psnr_db": psnr(images, reference).mean().item(),
                      "ssim": ssim(images, reference).mean().item(), "call_mse": call_error(q, held_out)})
         e = rows[-1]["call_mse"]
-        print(f"{label:66s} PSNR {rows[-1]['psnr_db']:6.2f} dB  call MSE {e['all']:.2e} "
+        print(f"{label:72s} PSNR {rows[-1]['psnr_db']:6.2f} dB  call MSE {e['all']:.2e} "
               f"(t >= 500: {e['t>=500']:.2e}, t < 500: {e['t<500']:.2e})", flush=True)
     if args.json:
         with open(args.json, "w") as f:

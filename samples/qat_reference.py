@@ -109,6 +109,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=4000, help="QAT optimizer steps")
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--quant-lr", type=float, help="learning rate of the learned scales and clip "
+                   "ratios (default: --lr)")
+    p.add_argument("--spike-threshold", type=float, help="SPAM's spike-aware gradient clipping "
+                   "threshold (off by default)")
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--calls", type=int, default=16, help="sampler runs recorded as training data")
     p.add_argument("--batch", type=int, default=32, help="images per sampler run (2x per call: CFG)")
@@ -138,7 +142,8 @@ def main():
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "processes": state.num_processes, "steps": args.steps, "lr": args.lr, "smooth": args.smooth,
                "rotate": not args.no_rotate, "a8_layers": args.a8_layers,
-               "sensitivity_power": args.sensitivity_power, "decay_fraction": args.decay_fraction, "rank": args.rank}
+               "sensitivity_power": args.sensitivity_power, "decay_fraction": args.decay_fraction, "rank": args.rank,
+               "quant_lr": args.quant_lr, "spike_threshold": args.spike_threshold}
     reference = held_out = None
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
@@ -165,7 +170,8 @@ def main():
         weight = sensitivity_weight(sensitivity, args.sensitivity_power)
     log = vqz.train_qat(student, recipe, data=trajectories(args.calls, args.batch, args.sample_steps),
                         steps=args.steps, lr=args.lr, accumulate=args.accumulate, out=args.out,
-                        timestep_weight=weight, decay_fraction=args.decay_fraction)
+                        timestep_weight=weight, decay_fraction=args.decay_fraction,
+                        quant_lr=args.quant_lr, spike_threshold=args.spike_threshold)
     results["qat_seconds"] = time.perf_counter() - start
     results["train_seconds"] = log.seconds
     results["samples_per_second"] = log.samples_per_second

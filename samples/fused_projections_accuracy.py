@@ -5,9 +5,8 @@ input (BENCHMARKS.md, FLUX block).
 
     python samples/fused_projections_accuracy.py [--n 32] [--json samples/results/fused-qkv.json]
 """
-import json
 
-from quality_table import evaluate, quality_run
+from quality_table import evaluate, quality_run, save_results
 
 from vqz.pipelines.reference import load_reference
 
@@ -33,9 +32,7 @@ def main():
     fuse_attention_projections(dit)
     print("DiT, fused q/k/v projections")
     results["fused"] = evaluate(dit, VARIANTS, args.n, args.steps)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    save_results(args, results)
 
 
 if __name__ == "__main__":

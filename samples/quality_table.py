@@ -81,6 +81,13 @@ def quality_run(description: str):
     return args, device, results
 
 
+def save_results(args, results: dict) -> None:
+    """Write `results` to --json, when given."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def evaluate_dit(variants, args, device) -> dict:
     """The reference DiT's rows, as trained ("dit") and with injected outliers ("dit_outliers")."""
     dit = load_reference("dit").to(device)
@@ -98,9 +105,7 @@ def main():
     unet = load_reference("unet").to(device)
     print("UNet")
     results["unet"] = evaluate(unet, UNET_VARIANTS, args.n, args.steps)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    save_results(args, results)
 
 
 if __name__ == "__main__":

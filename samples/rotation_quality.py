@@ -6,10 +6,9 @@ injected outliers.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
-from quality_table import evaluate_dit, quality_run
+from quality_table import evaluate_dit, quality_run, save_results
 from vqz.config import get_preset
 
 W4A4 = get_preset("w4a4")
@@ -23,9 +22,7 @@ VARIANTS = [(f"{label}{suffix}", recipe, {"rotate": rotate}) for label, recipe i
 def main():
     args, device, results = quality_run(__doc__)
     results.update(evaluate_dit(VARIANTS, args, device))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    save_results(args, results)
 
 
 if __name__ == "__main__":

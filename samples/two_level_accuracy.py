@@ -3,10 +3,9 @@ INT8 kernels run) against fp32 group scales, on the reference DiT: PSNR of sampl
 
     python samples/two_level_accuracy.py [--n 32] [--json samples/results/two_level.json]
 """
-import json
 from dataclasses import replace
 
-from quality_table import NAIVE_W4A4, evaluate, quality_run
+from quality_table import NAIVE_W4A4, evaluate, quality_run, save_results
 
 import vqz
 from vqz.config import get_preset
@@ -36,9 +35,7 @@ def main():
     print("DiT, injected outliers (scale 50, 1% of channels)")
     inject_outliers(dit, scale=50.0, fraction=0.01)
     results["dit_outliers"] = evaluate(dit, variants(), args.n, args.steps)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    save_results(args, results)
 
 
 if __name__ == "__main__":

@@ -229,7 +229,8 @@ class _Launch:
         cfg["BLOCK_K"] = max(granule, cfg["BLOCK_K"] // granule * granule)
         if cfg["INLINE"]:  # one chunk: the whole row
             cfg["CHUNK"] = triton.cdiv(k, cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        cfg["CHUNK"] = max(cfg["BLOCK_K"], cfg["CHUNK"] // cfg["BLOCK_K"] * cfg["BLOCK_K"])
+        else:
+            cfg["CHUNK"] = max(cfg["BLOCK_K"], cfg["CHUNK"] // cfg["BLOCK_K"] * cfg["BLOCK_K"])
         self.cfg = cfg
         self.chunks = triton.cdiv(k, cfg["CHUNK"])
         self.grid = (triton.cdiv(m, cfg["BLOCK_M"]), self.chunks)

@@ -87,13 +87,12 @@ def call_error(model, records) -> dict:
     """Mean squared error of `model`'s prediction against the full-precision one at the same
     inputs, over all records and over the high-noise (t >= 500) and low-noise halves: the
     per-call error the training minimises, without the drift of the model's own trajectories."""
-    from vqz.calib.sources import device_of, to_device
-    from vqz.qat.data import first_tensor
+    from vqz.calib.sources import device_of
 
     device = device_of(model)
     errors = {"all": [], "t>=500": [], "t<500": []}
     for r in records:
-        out = first_tensor(model(*to_device(r.args, device), **to_device(r.kwargs, device)))
+        out = r.predict(model, device)
         error = (out.float().cpu() - r.target.float()).pow(2).mean().item()
         errors["all"].append(error)
         errors["t>=500" if r.timestep >= 500 else "t<500"].append(error)

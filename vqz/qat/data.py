@@ -23,6 +23,10 @@ class Record:
     target: torch.Tensor
     timestep: float | None
 
+    def predict(self, model: nn.Module, device) -> torch.Tensor:
+        """`model`'s prediction at this call's inputs, moved to `device`."""
+        return first_tensor(model(*to_device(self.args, device), **to_device(self.kwargs, device)))
+
 
 def first_tensor(output) -> torch.Tensor:
     """The prediction in a denoiser's output: a tensor, the first item of a tuple, or `.sample`."""
@@ -56,5 +60,4 @@ def relabel(records: list[Record], teacher: nn.Module) -> None:
     """Replace every record's target by `teacher`'s output at the same inputs."""
     device = device_of(teacher)
     for r in records:
-        out = teacher(*to_device(r.args, device), **to_device(r.kwargs, device))
-        r.target = first_tensor(out).detach().cpu()
+        r.target = r.predict(teacher, device).detach().cpu()

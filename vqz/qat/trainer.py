@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calib.sources import device_of, to_device
+from ..calib.sources import device_of
 from ..quantizer import Quantizer
-from .data import Record, first_tensor
+from .data import Record
 from .model import apply_schedule, qat_layers
 from .schedule import RankSchedule
 from .stability import clip_spikes, reset_moments
@@ -175,7 +175,7 @@ def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
 def _loss(model, record: Record, accelerator, weight) -> torch.Tensor:
     device = accelerator.device
     with accelerator.autocast():
-        out = first_tensor(model(*to_device(record.args, device), **to_device(record.kwargs, device)))
+        out = record.predict(model, device)
     loss = F.mse_loss(out.float(), record.target.to(device).float())
     return loss * weight(record.timestep) if weight is not None else loss
 

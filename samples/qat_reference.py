@@ -113,6 +113,10 @@ def main():
     p.add_argument("--spike-threshold", type=float, help="SPAM's spike-aware gradient clipping "
                    "threshold (off by default)")
     p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--records-per-step", type=int, default=1, help="recorded calls batched into "
+                   "each forward (mixed timesteps)")
+    p.add_argument("--lr-schedule", default="constant", help="constant or cosine")
+    p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--calls", type=int, default=16, help="sampler runs recorded as training data")
     p.add_argument("--batch", type=int, default=32, help="images per sampler run (2x per call: CFG)")
     p.add_argument("--n", type=int, default=32, help="evaluation images")
@@ -142,7 +146,9 @@ def main():
                "processes": state.num_processes, "steps": args.steps, "lr": args.lr, "smooth": args.smooth,
                "rotate": not args.no_rotate, "a8_layers": args.a8_layers,
                "sensitivity_power": args.sensitivity_power, "decay_fraction": args.decay_fraction, "rank": args.rank,
-               "quant_lr": args.quant_lr, "spike_threshold": args.spike_threshold}
+               "quant_lr": args.quant_lr, "spike_threshold": args.spike_threshold,
+               "accumulate": args.accumulate, "records_per_step": args.records_per_step,
+               "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps, "calls": args.calls}
     reference = held_out = None
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
@@ -169,6 +175,8 @@ def main():
         weight = sensitivity_weight(sensitivity, args.sensitivity_power)
     log = vqz.train_qat(student, recipe, data=trajectories(args.calls, args.batch, args.sample_steps),
                         steps=args.steps, lr=args.lr, accumulate=args.accumulate, out=args.out,
+                        records_per_step=args.records_per_step, lr_schedule=args.lr_schedule,
+                        warmup_steps=args.warmup_steps,
                         timestep_weight=weight, decay_fraction=args.decay_fraction,
                         quant_lr=args.quant_lr, spike_threshold=args.spike_threshold)
     results["qat_seconds"] = time.perf_counter() - start

@@ -11,8 +11,10 @@ from vqz.config import LayerRule, QuantSpec, get_qat_preset
 from vqz.eval.images import sqnr
 from vqz.nn import QuantLinear
 from vqz.qat import QATLinear, RankSchedule
+from vqz.qat.data import Record, merge_records
 from vqz.qat.schedule import decay_ranks
 from vqz.qat.stability import clip_spikes, reset_moments
+from vqz.qat.trainer import TrainOptions, lr_factor
 from vqz.quantizer import Quantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,6 +132,32 @@ def test_spike_clipping_and_moment_reset():
     assert p not in opt.state
 
 
+def test_merged_records_batch_the_calls_and_expand_per_call_timesteps():
+    a = Record((torch.ones(2, 3),), {"timestep": torch.tensor(5.0), "flag": True}, torch.zeros(2, 3), 5.0)
+    b = Record((torch.full((3, 3), 2.0),), {"timestep": torch.tensor(7.0), "flag": True},
+               torch.ones(3, 3), 7.0)
+    merged = merge_records([a, b])
+    assert torch.equal(merged.args[0], torch.cat([a.args[0], b.args[0]]))
+    assert merged.kwargs["timestep"].tolist() == [5, 5, 7, 7, 7] and merged.kwargs["flag"] is True
+    assert torch.equal(merged.target, torch.cat([a.target, b.target]))
+    assert merged.parts == [(2, 5.0), (3, 7.0)] and merged.timestep is None
+    other = Record((torch.ones(2, 4),), {"timestep": torch.tensor(5.0), "flag": True}, torch.zeros(2, 3), 5.0)
+    with pytest.raises(ValueError, match="records_per_step=1"):
+        merge_records([a, other])
+
+
+def test_cosine_learning_rate_after_warm_up():
+    opts = TrainOptions(steps=12, schedule=RankSchedule(0, 1), lr_schedule="cosine", warmup_steps=2)
+    factors = [lr_factor(opts, s) for s in range(12)]
+    assert factors[:3] == [0.5, 1.0, 1.0] and factors[-1] == pytest.approx(0, abs=1e-12)
+    assert factors[2 + 9 // 2] == pytest.approx((1 + math.cos(math.pi * 4 / 9)) / 2)
+    assert all(x >= y for x, y in zip(factors[1:], factors[2:]))
+    assert lr_factor(replace(opts, lr_schedule="constant", warmup_steps=0), 11) == 1.0
+    for bad in ({"lr_schedule": "linear"}, {"warmup_steps": 12}, {"records_per_step": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainOptions(steps=12, schedule=RankSchedule(0, 1), **bad)
+
+
 # ---- training ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -175,6 +203,19 @@ def test_trained_model_is_plain_quantized_and_closer_than_its_start(tiny_dit, tm
     loaded = vqz.load(build(), tmp_path / "q")
     for x in data:
         assert torch.equal(_out(loaded, x), _out(model, x))
+
+
+def test_several_records_per_forward_train_with_a_cosine_schedule(tiny_dit):
+    build, data = tiny_dit
+    model = build()
+    log = _train(model, data, steps=12, decay_every=1, records_per_step=2, lr_schedule="cosine",
+                 warmup_steps=2)
+    assert log.samples == 12 * 2 * data[0]["hidden_states"].shape[0]
+    assert not any(isinstance(m, QATLinear) for m in model.modules())
+    first, last = _epoch_means(log, 2)
+    assert last < first
+    with pytest.raises(ValueError, match="records_per_step=8"):
+        _train(build(), data, steps=4, decay_every=1, records_per_step=8)
 
 
 def test_smoothed_recipe_trains_and_round_trips(tiny_dit, tmp_path):

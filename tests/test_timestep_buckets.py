@@ -81,3 +81,15 @@ def test_too_few_timesteps_leaves_the_model_untouched(denoiser, guard):
 def test_bucket_edges_split_distinct_timesteps_evenly():
     assert bucket_edges([1.0, 0.5, 0.5, 0.25, 0.0], 2).tolist() == [0.375]
     assert bucket_edges(list(range(10)) * 3, 5).tolist() == [1.5, 3.5, 5.5, 7.5]
+
+
+def test_a_batch_mixing_timesteps_quantizes_each_sample_by_its_own_range(denoiser):
+    q = vqz.quantize(denoiser, "w8a8-static", calib=_batches(), timestep_buckets=4)
+    x = torch.randn(len(TIMESTEPS), 32, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor(TIMESTEPS)
+    with torch.no_grad():
+        mixed = q(x, t)
+        alone = torch.cat([q(x[i:i + 1], t[i:i + 1]) for i in range(len(TIMESTEPS))])
+        first_range = q(x, t[:1].expand(len(TIMESTEPS)))
+    assert torch.allclose(mixed, alone, atol=1e-5)
+    assert (mixed - first_range)[4:].abs().max() > 100 * (mixed - alone).abs().max() + 1e-3

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import qat_presets
+from .qat.trainer import LR_SCHEDULES
 
 
 def _qat(args) -> int:
@@ -29,7 +30,9 @@ def _qat(args) -> int:
                                  max_prompts=args.prompt_count)
     out = Path(args.out)
     log = vqz.train_qat(pipe, recipe, data=data, steps=args.steps, lr=args.lr,
+                        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
                         decay_every=args.decay_every, accumulate=args.accumulate,
+                        records_per_step=args.records_per_step,
                         gradient_checkpointing=args.gradient_checkpointing,
                         spike_threshold=args.spike_threshold, out=out / "training",
                         checkpoint_every=args.checkpoint_every, resume=args.resume)
@@ -66,7 +69,12 @@ def add_qat_parser(sub) -> None:
                    "preset's, on for w4a4-qat)")
     p.add_argument("--decay-every", type=int, help="steps per rank halving (default: the decay "
                    "spread over the first 75%% of the steps)")
-    p.add_argument("--accumulate", type=int, default=1, help="denoiser calls per optimizer step")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="constant, or cosine decay to 0 at the last step (default constant)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear learning-rate warm-up")
+    p.add_argument("--accumulate", type=int, default=1, help="forwards per optimizer step")
+    p.add_argument("--records-per-step", type=int, default=1, help="recorded denoiser calls "
+                   "batched into each forward (several timesteps at once; default 1)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--spike-threshold", type=float, help="SPAM spike-aware clipping threshold "
                    "(e.g. 5000; default off)")

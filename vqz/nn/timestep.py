@@ -20,33 +20,44 @@ STATE_NAME = "_vqz_timestep"
 
 class TimestepState(nn.Module):
     """The timestep of the denoiser call in progress, set by a forward pre-hook on the denoiser:
-    `tensor` (0-dim float64, on the timestep's device; what compiled graphs read) and `value` (its
-    float). While `history` is a list, every timestep seen is appended to it (calibration)."""
+    `samples` (1-dim float64, on the timestep's device: one timestep, or one per sample of the
+    batch), `tensor` (its first element, 0-dim; what compiled graphs read), `value` (that as a
+    float) and `mixed` (whether the samples' timesteps differ). While `history` is a list, every
+    call's timestep `value` is appended to it (calibration)."""
 
     def __init__(self):
         super().__init__()
+        self.samples: torch.Tensor | None = None
         self.tensor: torch.Tensor | None = None
         self._value: float | None = None
+        self._mixed = False
         self.history: list[float] | None = None
 
     @property
     def value(self) -> float | None:
-        """The timestep as a float, None outside a denoiser call. Read from `tensor` at the first
+        """The timestep as a float, None outside a denoiser call. Read from `samples` at the first
         use in a call: it waits for the device, which a compiled graph cannot do."""
-        if self._value is None and self.tensor is not None:
-            self._value = float(self.tensor)
+        if self._value is None and self.samples is not None:
+            first, lo, hi = torch.stack([self.tensor, self.samples.min(), self.samples.max()]).tolist()
+            self._value, self._mixed = first, lo != hi
         return self._value
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the batch's samples are at different timesteps (read with `value`)."""
+        return self.value is not None and self._mixed
 
     def hook(self, module, args, kwargs) -> None:
         t = timestep_arg(module, args, kwargs)
-        self.tensor = None if t is None else torch.as_tensor(t, dtype=torch.float64).reshape(-1)[0]
+        self.samples = None if t is None else torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        self.tensor = None if t is None else self.samples[0]
         self._value = None
         if self.history is not None and self.value is not None:
             self.history.append(self.value)
 
     def clear(self, module, args, output) -> None:
         # Outside a denoiser call no timestep applies: a layer run on its own must not reuse one.
-        self.tensor = self._value = None
+        self.samples = self.tensor = self._value = None
 
 
 def attach_timestep_state(denoiser: nn.Module) -> TimestepState:
@@ -146,7 +157,27 @@ class BucketedQuantizer(nn.Module):
             t = self._timestep().tensor.to(self.edges.device).reshape(1)
             outputs = torch.stack([q(x) for q in self.quantizers])
             return outputs.index_select(0, torch.searchsorted(self.edges, t))[0]
+        if self._timestep().mixed:
+            return self._per_sample(x)
         return self.current()(x)
+
+    def _per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """x's rows quantized each by the range of its sample's timestep (a batch mixing
+        timesteps: QAT on several recorded calls at once). Rows are the batch's samples in order,
+        each repeated when x flattens more leading dimensions into its first."""
+        t = self.state.samples
+        if x.shape[0] % t.numel():
+            raise RuntimeError(f"the denoiser got {t.numel()} per-sample timesteps, but this layer's "
+                               f"input {tuple(x.shape)} does not split into that many samples along "
+                               f"its first dimension; call the denoiser with one timestep")
+        ranges = torch.searchsorted(self.edges, t.to(self.edges.device))
+        ranges = ranges.to(x.device).repeat_interleave(x.shape[0] // t.numel())
+        out = torch.empty_like(x)
+        for i, q in enumerate(self.quantizers):
+            rows = (ranges == i).nonzero().squeeze(1)
+            if rows.numel():
+                out = out.index_copy(0, rows, q(x.index_select(0, rows)))
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

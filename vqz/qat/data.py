@@ -16,12 +16,15 @@ from ..calib.timestep import timestep_of
 
 @dataclass
 class Record:
-    """One denoiser call: its inputs (tensors on the CPU) and the teacher's output tensor."""
+    """One denoiser call: its inputs (tensors on the CPU) and the teacher's output tensor. A merged
+    record (`merge_records`) has `parts`: (samples, timestep) of each call in it, and no single
+    `timestep`."""
 
     args: tuple
     kwargs: dict
     target: torch.Tensor
     timestep: float | None
+    parts: list | None = None
 
     def predict(self, model: nn.Module, device) -> torch.Tensor:
         """`model`'s prediction at this call's inputs, moved to `device`."""
@@ -61,3 +64,49 @@ def relabel(records: list[Record], teacher: nn.Module) -> None:
     device = device_of(teacher)
     for r in records:
         r.target = r.predict(teacher, device).detach().cpu()
+
+
+def merge_records(records: list[Record]) -> Record:
+    """One call of the denoiser on the samples of all `records` (concatenated along the batch;
+    a timestep given once per call becomes one per sample), so one forward trains on several
+    timesteps. Inputs that are the same in every call (a config flag, a shared embedding) are kept
+    once; any other difference cannot be batched and raises ValueError."""
+    if len(records) == 1:
+        return records[0]
+    sizes = [r.target.shape[0] for r in records]
+    try:
+        args = _merge([r.args for r in records], sizes)
+        kwargs = _merge([r.kwargs for r in records], sizes)
+        target = torch.cat([r.target for r in records])
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"these denoiser calls cannot be batched together ({e}); train on one "
+                         f"call per forward (records_per_step=1)") from e
+    return Record(args, kwargs, target, None, [(n, r.timestep) for n, r in zip(sizes, records)])
+
+
+def _merge(values: list, sizes: list[int]):
+    """The leaves of `values` (one nested input per call) merged: tensors with a batch dimension
+    concatenated, per-call scalars (the timestep) expanded to their call's samples."""
+    first = values[0]
+    if isinstance(first, (tuple, list)):
+        if any(len(v) != len(first) for v in values):
+            raise ValueError("the calls have different numbers of arguments")
+        return type(first)(_merge(list(items), sizes) for items in zip(*values))
+    if isinstance(first, dict):
+        if any(v.keys() != first.keys() for v in values):
+            raise ValueError("the calls have different keyword arguments")
+        return {k: _merge([v[k] for v in values], sizes) for k in first}
+    if isinstance(first, torch.Tensor):
+        if all(v.dim() and v.shape[0] == n for v, n in zip(values, sizes)):
+            return torch.cat(values)
+        if all(torch.equal(v, first) for v in values[1:]):
+            return first
+        if all(v.numel() == 1 for v in values):
+            return torch.cat([v.reshape(1).expand(n) for v, n in zip(values, sizes)])
+        raise ValueError(f"an input of shape {tuple(first.shape)} differs between calls and has "
+                         f"no batch dimension")
+    if all(v == first for v in values[1:]):
+        return first
+    if all(isinstance(v, (int, float)) for v in values):
+        return torch.cat([torch.full((n,), float(v)) for v, n in zip(values, sizes)])
+    raise ValueError(f"an input ({type(first).__name__}) differs between calls")

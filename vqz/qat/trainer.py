@@ -3,6 +3,7 @@ GPUs or nodes, DDP or FSDP), with bf16 autocast, gradient checkpointing and chec
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -10,24 +11,27 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib.sources import device_of
 from ..quantizer import Quantizer
-from .data import Record
+from .data import Record, merge_records
 from .model import apply_schedule, qat_layers
 from .schedule import RankSchedule
 from .stability import clip_spikes, reset_moments
 
 STATE_FILE = "qat.json"
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
 class TrainOptions:
     """steps: optimizer steps. lr: of the weights, biases and branch; quant_lr: of the learned
-    scales and clip ratios (default lr). accumulate: micro-batches (records) per step and process.
+    scales and clip ratios (default lr). lr_schedule: "constant", or "cosine" (from the learning
+    rates down to 0 at the last step), after `warmup_steps` of linear warm-up. accumulate:
+    micro-batches per step and process. records_per_step: recorded calls concatenated into each
+    micro-batch (one forward over several timesteps; 1: one call per forward).
     mixed_precision: "bf16", "fp16" or "no" (default bf16 on CUDA, else no). out: folder for
     checkpoints and the loss log. checkpoint_every: steps between checkpoints (0: at the end only,
     when `out` is set). resume: a checkpoint folder to continue from. spike_threshold: SPAM's θ
@@ -39,7 +43,10 @@ class TrainOptions:
     schedule: RankSchedule
     lr: float = 1e-4
     quant_lr: float | None = None
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     accumulate: int = 1
+    records_per_step: int = 1
     mixed_precision: str | None = None
     gradient_checkpointing: bool = False
     out: str | Path | None = None
@@ -57,6 +64,14 @@ class TrainOptions:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
+        if self.records_per_step < 1:
+            raise ValueError(f"records_per_step must be >= 1, got {self.records_per_step}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use one of: "
+                             f"{', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps} for "
+                             f"{self.steps} steps")
         self.schedule.check_fits(self.steps)
 
 
@@ -122,6 +137,10 @@ def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: 
     branch = [p for layer in layers for p in (layer.lora_down, layer.lora_up)]
     fsdp = accelerator.distributed_type.name == "FSDP"
     order = _Order(len(records), accelerator.num_processes, accelerator.process_index, opts.seed)
+    if order.per_process < opts.records_per_step:
+        raise ValueError(f"records_per_step={opts.records_per_step} needs that many recorded calls "
+                         f"per process, got {order.per_process}; give more data or merge fewer")
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     losses, ranks, samples = [], [], 0
     began = time.perf_counter()
     bar = tqdm(range(start, opts.steps), desc="vqz qat", unit="step", initial=start,
@@ -131,9 +150,13 @@ def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: 
             refactored = apply_schedule(layers, opts.schedule, step)
         if refactored or (opts.reset_every and step and step % opts.reset_every == 0):
             reset_moments(optimizer, None if fsdp or not refactored else branch)
+        factor = lr_factor(opts, step)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
         total = torch.zeros((), device=accelerator.device)
         for micro in range(opts.accumulate):
-            record = records[order[step * opts.accumulate + micro]]
+            first = (step * opts.accumulate + micro) * opts.records_per_step
+            record = merge_records([records[order[first + j]] for j in range(opts.records_per_step)])
             with accelerator.accumulate(model):
                 loss = _loss(model, record, accelerator, opts.timestep_weight)
                 accelerator.backward(loss)
@@ -157,6 +180,16 @@ def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: 
     return TrainLog(start, losses, ranks, time.perf_counter() - began, samples)
 
 
+def lr_factor(opts: TrainOptions, step: int) -> float:
+    """The learning rates' multiplier at `step`: linear warm-up, then the schedule."""
+    if step < opts.warmup_steps:
+        return (step + 1) / opts.warmup_steps
+    if opts.lr_schedule == "cosine":
+        progress = (step - opts.warmup_steps) / max(opts.steps - 1 - opts.warmup_steps, 1)
+        return (1 + math.cos(math.pi * progress)) / 2
+    return 1.0
+
+
 def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
     layers = list(qat_layers(model).values())
     if not layers:
@@ -176,8 +209,15 @@ def _loss(model, record: Record, accelerator, weight) -> torch.Tensor:
     device = accelerator.device
     with accelerator.autocast():
         out = record.predict(model, device)
-    loss = F.mse_loss(out.float(), record.target.to(device).float())
-    return loss * weight(record.timestep) if weight is not None else loss
+    error = (out.float() - record.target.to(device).float()).pow(2)
+    if weight is None:
+        return error.mean()
+    if record.parts is None:
+        return error.mean() * weight(record.timestep)
+    # a merged record: each call's mean error weighted by its timestep, averaged over samples
+    per_sample = error.flatten(1).mean(1)
+    weights = torch.cat([torch.full((n,), float(weight(t))) for n, t in record.parts])
+    return (per_sample * weights.to(device)).mean()
 
 
 def _clip(accelerator, model, optimizer, opts: TrainOptions) -> None:

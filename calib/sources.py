@@ -50,6 +50,13 @@ def as_forward_loop(calib, obj, model: nn.Module, *, passes: int = 1) -> Callabl
     return loop
 
 
+def generates_inputs(calib) -> bool:
+    """Whether `calib` makes the model's inputs as it runs (a forward loop, or prompts a pipeline
+    generates from), rather than being fixed batches."""
+    return (callable(calib) and not isinstance(calib, nn.Module)) or \
+        isinstance(calib, (str, bytes, PathLike)) or _is_prompt_list(calib)
+
+
 def _is_prompt_list(calib) -> bool:
     return isinstance(calib, (list, tuple)) and len(calib) > 0 and all(isinstance(p, str) for p in calib)
 

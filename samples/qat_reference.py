@@ -117,6 +117,8 @@ def main():
                    "each forward (mixed timesteps)")
     p.add_argument("--lr-schedule", default="constant", help="constant or cosine")
     p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--refresh-every", type=int, default=0, help="steps between re-recordings of "
+                   "the training trajectories by the student (teacher-labelled)")
     p.add_argument("--calls", type=int, default=16, help="sampler runs recorded as training data")
     p.add_argument("--batch", type=int, default=32, help="images per sampler run (2x per call: CFG)")
     p.add_argument("--n", type=int, default=32, help="evaluation images")
@@ -148,7 +150,8 @@ def main():
                "sensitivity_power": args.sensitivity_power, "decay_fraction": args.decay_fraction, "rank": args.rank,
                "quant_lr": args.quant_lr, "spike_threshold": args.spike_threshold,
                "accumulate": args.accumulate, "records_per_step": args.records_per_step,
-               "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps, "calls": args.calls}
+               "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps, "calls": args.calls,
+               "refresh_every": args.refresh_every}
     reference = held_out = None
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
@@ -176,7 +179,7 @@ def main():
     log = vqz.train_qat(student, recipe, data=trajectories(args.calls, args.batch, args.sample_steps),
                         steps=args.steps, lr=args.lr, accumulate=args.accumulate, out=args.out,
                         records_per_step=args.records_per_step, lr_schedule=args.lr_schedule,
-                        warmup_steps=args.warmup_steps,
+                        warmup_steps=args.warmup_steps, refresh_every=args.refresh_every,
                         timestep_weight=weight, decay_fraction=args.decay_fraction,
                         quant_lr=args.quant_lr, spike_threshold=args.spike_threshold)
     results["qat_seconds"] = time.perf_counter() - start

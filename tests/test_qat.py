@@ -218,6 +218,27 @@ def test_several_records_per_forward_train_with_a_cosine_schedule(tiny_dit):
         _train(build(), data, steps=4, decay_every=1, records_per_step=8)
 
 
+def test_refresh_re_records_the_students_own_trajectories(tiny_dit):
+    build, data = tiny_dit
+    runs = []
+
+    def two_step_sampler(model):
+        """Each call's input depends on the model's previous answer, as along a sampling run."""
+        runs.append([])
+        for x in data:
+            out = model(**x, return_dict=False)[0]
+            runs[-1].append(out.detach().clone())
+            model(**{**x, "hidden_states": x["hidden_states"] - 0.5 * out}, return_dict=False)
+
+    model = build()
+    _train(model, two_step_sampler, steps=10, decay_every=1, refresh_every=4)
+    assert len(runs) == 3  # the recording, then refreshes at steps 4 and 8
+    assert not torch.equal(runs[1][0], runs[0][0])  # re-run by the model as trained so far
+    assert not any(isinstance(m, QATLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="forward-loop callable"):
+        _train(build(), data, steps=4, decay_every=1, refresh_every=2)
+
+
 def test_smoothed_recipe_trains_and_round_trips(tiny_dit, tmp_path):
     build, data = tiny_dit
     model = build()

@@ -32,7 +32,7 @@ def _qat(args) -> int:
     log = vqz.train_qat(pipe, recipe, data=data, steps=args.steps, lr=args.lr,
                         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
                         decay_every=args.decay_every, accumulate=args.accumulate,
-                        records_per_step=args.records_per_step,
+                        records_per_step=args.records_per_step, refresh_every=args.refresh_every,
                         gradient_checkpointing=args.gradient_checkpointing,
                         spike_threshold=args.spike_threshold, out=out / "training",
                         checkpoint_every=args.checkpoint_every, resume=args.resume)
@@ -75,6 +75,9 @@ def add_qat_parser(sub) -> None:
     p.add_argument("--accumulate", type=int, default=1, help="forwards per optimizer step")
     p.add_argument("--records-per-step", type=int, default=1, help="recorded denoiser calls "
                    "batched into each forward (several timesteps at once; default 1)")
+    p.add_argument("--refresh-every", type=int, default=0, help="steps between re-generations of "
+                   "the training trajectories by the model in training (labelled by a "
+                   "full-precision copy; default 0: never)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--spike-threshold", type=float, help="SPAM spike-aware clipping threshold "
                    "(e.g. 5000; default off)")

@@ -1,6 +1,7 @@
 """vqz.train_qat: quantization-aware training with rank-decaying wrappers (QVGen), in one call."""
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from .algorithms.svd import svd_quantize
 from .api import STATE_ATTR, QuantState, resolve_target
 from .calib import as_forward_loop
-from .calib.sources import device_of, to_device
+from .calib.sources import device_of, generates_inputs, to_device
 from .calib.stats import collect_input_stats
 from .config import QuantConfig, get_qat_preset
 from .guard import guard_dtype
@@ -34,7 +35,10 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
     same architecture whose outputs are the targets (default: `obj` itself before training).
     decay_every/decay_start: the rank schedule (steps per halving, first step of the decay);
     default: the phases spread over the first `decay_fraction` of the steps. `options`: the fields
-    of TrainOptions (lr, accumulate, mixed_precision, out, resume, spike_threshold, ...).
+    of TrainOptions (lr, accumulate, records_per_step, lr_schedule, mixed_precision, out, resume,
+    spike_threshold, refresh_every, ...). refresh_every re-runs `data` (prompts or a forward loop)
+    on the student and relabels its calls by the teacher; without `teacher`, a full-precision copy
+    of `obj`'s denoiser is kept for that (twice its memory).
     If training fails, `obj` is left as it was.
     """
     target = resolve_target(obj)
@@ -48,6 +52,11 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
     fingerprint = architecture_fingerprint(target)
     teacher_model = None if teacher is None else _same_architecture(resolve_target(teacher), target,
                                                                     fingerprint)
+    if opts.refresh_every and not generates_inputs(data):
+        raise ValueError("refresh_every re-records the student's own trajectories, which fixed "
+                         "batches of inputs cannot give; pass prompts or a forward-loop callable "
+                         "as data, or refresh_every=0")
+    refresh_teacher = (teacher_model or copy.deepcopy(target)) if opts.refresh_every else None
     plan = _linear_plan(target, cfg)
     identity = {"preset": cfg.name, "config": cfg.to_dict(), "schedule": schedule.to_dict(),
                 "fingerprint": fingerprint}
@@ -57,15 +66,15 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
         # Distillation compares student and teacher at the same inputs: no dropout, no label
         # dropping for guidance (diffusers drops class labels in training mode).
         target.eval()
-        records = record_calls(target, as_forward_loop(data, obj, target))
+        loop = as_forward_loop(data, obj, target)
+        records = record_calls(target, loop)
         if teacher_model is not None:
-            was_training = teacher_model.training
-            relabel(records, teacher_model.eval())
-            teacher_model.train(was_training)
+            relabel(records, teacher_model)
         edges = _edges(records, cfg)
         smooth = _smoothing(target, [p for p in plan.layers if p.smooth], records, cfg.alpha)
         wrap(target, plan, edges, smooth, tx)
-        log = train(target, records, opts, identity)
+        log = train(target, records, opts, identity,
+                    _refresher(target, loop, refresh_teacher) if opts.refresh_every else None)
         unwrap(target, tx)
         tx.restore_modes()
     except BaseException:
@@ -78,6 +87,17 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
                                            type(target).__name__))
     guard_dtype(target)
     return log
+
+
+def _refresher(student, loop, teacher):
+    """refresh(autocast) for the trainer: the student's calls along its own trajectories, with
+    the teacher's outputs at them as targets."""
+    def refresh(autocast):
+        with torch.no_grad(), autocast():
+            records = record_calls(student, loop)
+        relabel(records, teacher)
+        return records
+    return refresh
 
 
 def _check_config(cfg: QuantConfig) -> None:

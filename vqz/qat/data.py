@@ -60,10 +60,15 @@ def record_calls(model: nn.Module, forward_loop: Callable[[], None]) -> list[Rec
 
 @torch.no_grad()
 def relabel(records: list[Record], teacher: nn.Module) -> None:
-    """Replace every record's target by `teacher`'s output at the same inputs."""
+    """Replace every record's target by `teacher`'s output (in eval mode) at the same inputs."""
     device = device_of(teacher)
-    for r in records:
-        r.target = r.predict(teacher, device).detach().cpu()
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for r in records:
+            r.target = r.predict(teacher, device).detach().cpu()
+    finally:
+        teacher.train(was_training)
 
 
 def merge_records(records: list[Record]) -> Record:

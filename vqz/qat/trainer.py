@@ -37,7 +37,9 @@ class TrainOptions:
     when `out` is set). resume: a checkpoint folder to continue from. spike_threshold: SPAM's θ
     (clip g² > θ·v), None: off. reset_every: steps between optimizer-moment resets (0: only the
     branch's, when the rank schedule re-factorises it). timestep_weight: t -> loss weight.
-    max_grad_norm: global gradient-norm clip (None: off)."""
+    max_grad_norm: global gradient-norm clip (None: off). refresh_every: steps between re-recordings
+    of the training calls along the student's own sampling trajectories, labelled by the teacher
+    (0: train on the recorded full-precision trajectories throughout)."""
 
     steps: int
     schedule: RankSchedule
@@ -57,6 +59,7 @@ class TrainOptions:
     reset_every: int = 0
     timestep_weight: Callable[[float | None], float] | None = None
     max_grad_norm: float | None = 1.0
+    refresh_every: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -64,6 +67,8 @@ class TrainOptions:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
+        if self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
         if self.records_per_step < 1:
             raise ValueError(f"records_per_step must be >= 1, got {self.records_per_step}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -90,10 +95,15 @@ class TrainLog:
         return self.samples / max(self.seconds, 1e-9)
 
 
-def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity: dict) -> TrainLog:
+def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity: dict,
+          refresh: Callable | None = None) -> TrainLog:
     """Train the QAT wrappers of `model` (every other parameter stays frozen) to reproduce the
     records' targets. `identity` (JSON) describes the run; a resumed checkpoint must match it.
-    Afterwards (or on failure) `model` is a plain module again, on the device it came on."""
+    `refresh(autocast)`: new records from the model as it now is (needed by opts.refresh_every;
+    `autocast` is the context its forwards may run under). Afterwards (or on failure) `model` is a
+    plain module again, on the device it came on."""
+    if opts.refresh_every and refresh is None:
+        raise ValueError("refresh_every needs a way to re-record the training calls (refresh=)")
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     start = _resume_step(opts.resume, identity) if opts.resume else 0
@@ -114,7 +124,7 @@ def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity:
             model.enable_gradient_checkpointing()
         if opts.resume:
             accelerator.load_state(str(opts.resume))
-        log = _loop(accelerator, prepared, optimizer, records, opts, identity, start)
+        log = _loop(accelerator, prepared, optimizer, records, opts, identity, start, refresh)
         if opts.out:
             save_checkpoint(accelerator, Path(opts.out) / f"checkpoint-{opts.steps}", opts.steps,
                             identity)
@@ -131,7 +141,7 @@ def train(model: nn.Module, records: list[Record], opts: TrainOptions, identity:
 
 
 def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: dict,
-          start: int) -> TrainLog:
+          start: int, refresh) -> TrainLog:
     inner = accelerator.unwrap_model(model)
     layers = list(qat_layers(inner).values())  # looked up once: the schedule runs every step
     branch = [p for layer in layers for p in (layer.lora_down, layer.lora_up)]
@@ -148,6 +158,12 @@ def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: 
     for step in bar:
         with _full_params(model) if fsdp else nullcontext():
             refactored = apply_schedule(layers, opts.schedule, step)
+            # a resumed run re-records first, as the uninterrupted one did at its last refresh
+            if opts.refresh_every and step >= opts.refresh_every and \
+                    (step % opts.refresh_every == 0 or step == start):
+                records = refresh(accelerator.autocast)
+                order = _Order(len(records), accelerator.num_processes,
+                               accelerator.process_index, opts.seed)
         if refactored or (opts.reset_every and step and step % opts.reset_every == 0):
             reset_moments(optimizer, None if fsdp or not refactored else branch)
         factor = lr_factor(opts, step)

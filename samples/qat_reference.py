@@ -83,20 +83,24 @@ def held_out_calls(fp, steps: int, n: int = 16):
 
 
 @torch.no_grad()
-def call_error(model, records) -> dict:
+def call_error(model, records, guidance: float = 3.0) -> dict:
     """Mean squared error of `model`'s prediction against the full-precision one at the same
     inputs, over all records and over the high-noise (t >= 500) and low-noise halves: the
-    per-call error the training minimises, without the drift of the model's own trajectories."""
+    per-call error the training minimises, without the drift of the model's own trajectories.
+    `guided/...`: the same for the classifier-free-guided prediction the sampler steps with,
+    uncond + guidance (cond - uncond), whose error is guidance * e_cond + (1 - guidance) * e_uncond."""
     from vqz.calib.sources import device_of
 
     device = device_of(model)
-    errors = {"all": [], "t>=500": [], "t<500": []}
+    errors = {}
     for r in records:
-        out = r.predict(model, device)
-        error = (out.float().cpu() - r.target.float()).pow(2).mean().item()
-        errors["all"].append(error)
-        errors["t>=500" if r.timestep >= 500 else "t<500"].append(error)
-    return {k: sum(v) / len(v) for k, v in errors.items() if v}
+        error = r.predict(model, device).float().cpu() - r.target.float()
+        e_cond, e_uncond = error.chunk(2)
+        half = "t>=500" if r.timestep >= 500 else "t<500"
+        for key, e in (("", error), ("guided/", guidance * e_cond + (1 - guidance) * e_uncond)):
+            for name in ("all", half):
+                errors.setdefault(key + name, []).append(e.pow(2).mean().item())
+    return {k: sum(v) / len(v) for k, v in errors.items()}
 
 
 def quality(model, reference, n, steps) -> dict:
@@ -117,6 +121,8 @@ def main():
                    "each forward (mixed timesteps)")
     p.add_argument("--lr-schedule", default="constant", help="constant or cosine")
     p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--guidance-loss", type=float, default=0.0, help="weight of the squared "
+                   "difference between the errors of the conditional and unconditional halves")
     p.add_argument("--refresh-every", type=int, default=0, help="steps between re-recordings of "
                    "the training trajectories by the student (teacher-labelled)")
     p.add_argument("--calls", type=int, default=16, help="sampler runs recorded as training data")
@@ -151,7 +157,7 @@ def main():
                "quant_lr": args.quant_lr, "spike_threshold": args.spike_threshold,
                "accumulate": args.accumulate, "records_per_step": args.records_per_step,
                "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps, "calls": args.calls,
-               "refresh_every": args.refresh_every}
+               "refresh_every": args.refresh_every, "guidance_loss": args.guidance_loss}
     reference = held_out = None
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
@@ -180,6 +186,7 @@ def main():
                         steps=args.steps, lr=args.lr, accumulate=args.accumulate, out=args.out,
                         records_per_step=args.records_per_step, lr_schedule=args.lr_schedule,
                         warmup_steps=args.warmup_steps, refresh_every=args.refresh_every,
+                        guidance_loss=args.guidance_loss,
                         timestep_weight=weight, decay_fraction=args.decay_fraction,
                         quant_lr=args.quant_lr, spike_threshold=args.spike_threshold)
     results["qat_seconds"] = time.perf_counter() - start

@@ -146,6 +146,36 @@ def test_merged_records_batch_the_calls_and_expand_per_call_timesteps():
         merge_records([a, other])
 
 
+def test_loss_weights_each_merged_call_and_pairs_the_guidance_halves():
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from vqz.qat.trainer import _loss
+
+    class Echo(nn.Module):
+        def forward(self, x):
+            return x
+
+    g = torch.Generator().manual_seed(0)
+    calls = [Record((torch.randn(4, 3, generator=g),), {}, torch.randn(4, 3, generator=g), t)
+             for t in (100.0, 900.0)]
+    merged = merge_records(calls)
+    accelerator = SimpleNamespace(device="cpu", autocast=nullcontext)
+    weight = {100.0: 0.5, 900.0: 2.0}.get
+    opts = TrainOptions(steps=2, schedule=RankSchedule(0, 1), timestep_weight=weight, guidance_loss=9.0)
+    expected = 0
+    for r in calls:
+        e = r.args[0] - r.target
+        expected += weight(r.timestep) * (e.pow(2).mean() + 9.0 * (e[:2] - e[2:]).pow(2).mean()) / 2
+    assert torch.allclose(_loss(Echo(), merged, accelerator, opts), expected)
+    plain = replace(opts, timestep_weight=None, guidance_loss=0.0)
+    assert torch.allclose(_loss(Echo(), merged, accelerator, plain),
+                          (merged.args[0] - merged.target).pow(2).mean())
+    odd = Record((torch.ones(3, 3),), {}, torch.zeros(3, 3), 1.0)
+    with pytest.raises(ValueError, match="3 samples"):
+        _loss(Echo(), odd, accelerator, opts)
+
+
 def test_cosine_learning_rate_after_warm_up():
     opts = TrainOptions(steps=12, schedule=RankSchedule(0, 1), lr_schedule="cosine", warmup_steps=2)
     factors = [lr_factor(opts, s) for s in range(12)]

@@ -33,6 +33,7 @@ def _qat(args) -> int:
                         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
                         decay_every=args.decay_every, accumulate=args.accumulate,
                         records_per_step=args.records_per_step, refresh_every=args.refresh_every,
+                        guidance_loss=args.guidance_loss,
                         gradient_checkpointing=args.gradient_checkpointing,
                         spike_threshold=args.spike_threshold, out=out / "training",
                         checkpoint_every=args.checkpoint_every, resume=args.resume)
@@ -78,6 +79,9 @@ def add_qat_parser(sub) -> None:
     p.add_argument("--refresh-every", type=int, default=0, help="steps between re-generations of "
                    "the training trajectories by the model in training (labelled by a "
                    "full-precision copy; default 0: never)")
+    p.add_argument("--guidance-loss", type=float, default=0.0, help="weight of the squared "
+                   "difference between the errors of the two classifier-free-guidance branches "
+                   "(try the guidance scale squared; default 0: off)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--spike-threshold", type=float, help="SPAM spike-aware clipping threshold "
                    "(e.g. 5000; default off)")

@@ -39,7 +39,10 @@ class TrainOptions:
     branch's, when the rank schedule re-factorises it). timestep_weight: t -> loss weight.
     max_grad_norm: global gradient-norm clip (None: off). refresh_every: steps between re-recordings
     of the training calls along the student's own sampling trajectories, labelled by the teacher
-    (0: train on the recorded full-precision trajectories throughout)."""
+    (0: train on the recorded full-precision trajectories throughout). guidance_loss: weight of the
+    squared difference between the errors of the two halves of each call's batch, for denoisers
+    called on the conditional and unconditional branches of classifier-free guidance together:
+    the guided step multiplies that difference by the guidance scale (try its square; 0: off)."""
 
     steps: int
     schedule: RankSchedule
@@ -60,6 +63,7 @@ class TrainOptions:
     timestep_weight: Callable[[float | None], float] | None = None
     max_grad_norm: float | None = 1.0
     refresh_every: int = 0
+    guidance_loss: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -67,6 +71,8 @@ class TrainOptions:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
+        if self.guidance_loss < 0:
+            raise ValueError(f"guidance_loss must be >= 0, got {self.guidance_loss}")
         if self.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
         if self.records_per_step < 1:
@@ -174,7 +180,7 @@ def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: 
             first = (step * opts.accumulate + micro) * opts.records_per_step
             record = merge_records([records[order[first + j]] for j in range(opts.records_per_step)])
             with accelerator.accumulate(model):
-                loss = _loss(model, record, accelerator, opts.timestep_weight)
+                loss = _loss(model, record, accelerator, opts)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     _clip(accelerator, model, optimizer, opts)
@@ -221,19 +227,29 @@ def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
-def _loss(model, record: Record, accelerator, weight) -> torch.Tensor:
+def _loss(model, record: Record, accelerator, opts: TrainOptions) -> torch.Tensor:
+    """The mean over samples of each recorded call's distillation loss (times its timestep's
+    weight): the squared error, plus `guidance_loss` times the squared difference of the errors
+    of its two halves."""
     device = accelerator.device
     with accelerator.autocast():
         out = record.predict(model, device)
-    error = (out.float() - record.target.to(device).float()).pow(2)
-    if weight is None:
-        return error.mean()
-    if record.parts is None:
-        return error.mean() * weight(record.timestep)
-    # a merged record: each call's mean error weighted by its timestep, averaged over samples
-    per_sample = error.flatten(1).mean(1)
-    weights = torch.cat([torch.full((n,), float(weight(t))) for n, t in record.parts])
-    return (per_sample * weights.to(device)).mean()
+    error = out.float() - record.target.to(device).float()
+    weight, pair = opts.timestep_weight, opts.guidance_loss
+    if weight is None and not pair:
+        return error.pow(2).mean()
+    parts = record.parts or [(error.shape[0], record.timestep)]
+    total = 0.0
+    for e, (n, t) in zip(error.split([n for n, _ in parts]), parts):
+        loss = e.pow(2).mean()
+        if pair:
+            if n % 2:
+                raise ValueError(f"guidance_loss pairs the two halves of each call's batch (the "
+                                 f"branches of classifier-free guidance); a call has {n} samples")
+            first, second = e.chunk(2)
+            loss = loss + pair * (first - second).pow(2).mean()
+        total = total + loss * (n if weight is None else n * float(weight(t)))
+    return total / error.shape[0]
 
 
 def _clip(accelerator, model, optimizer, opts: TrainOptions) -> None:

@@ -306,12 +306,14 @@ def test_frozen_parameters_stay_frozen_and_untouched(tiny_dit):
             assert torch.equal(p, norm_before[n]) and p.requires_grad
 
 
-def test_resume_continues_exactly(tiny_dit, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"lr_schedule": "cosine", "records_per_step": 2}])
+def test_resume_continues_exactly(tiny_dit, tmp_path, options):
     build, data = tiny_dit
     straight = build()
-    _train(straight, data, steps=10, decay_every=1, out=tmp_path / "a", checkpoint_every=5)
+    _train(straight, data, steps=10, decay_every=1, out=tmp_path / "a", checkpoint_every=5, **options)
     resumed = build()
-    log = _train(resumed, data, steps=10, decay_every=1, resume=tmp_path / "a" / "checkpoint-5")
+    log = _train(resumed, data, steps=10, decay_every=1, resume=tmp_path / "a" / "checkpoint-5",
+                 **options)
     assert log.start == 5 and len(log.losses) == 5
     for x in data:
         assert torch.allclose(_out(resumed, x), _out(straight, x), atol=1e-5)

@@ -156,7 +156,7 @@ def _loop(accelerator, model, optimizer, records, opts: TrainOptions, identity: 
     if order.per_process < opts.records_per_step:
         raise ValueError(f"records_per_step={opts.records_per_step} needs that many recorded calls "
                          f"per process, got {order.per_process}; give more data or merge fewer")
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    base_lrs = _group_lrs(opts)  # not the optimizer's: a resumed state holds scheduled ones
     losses, ranks, samples = [], [], 0
     began = time.perf_counter()
     bar = tqdm(range(start, opts.steps), desc="vqz qat", unit="step", initial=start,
@@ -212,6 +212,12 @@ def lr_factor(opts: TrainOptions, step: int) -> float:
     return 1.0
 
 
+def _group_lrs(opts: TrainOptions) -> list[float]:
+    """The learning rates of the optimizer's two groups: the weights, biases and branch; the
+    quantizers' scales and clip ratios."""
+    return [opts.lr, opts.quant_lr or opts.lr]
+
+
 def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
     layers = list(qat_layers(model).values())
     if not layers:
@@ -223,7 +229,7 @@ def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
         for module in layer.modules():
             own = list(module.parameters(recurse=False))
             (quant if isinstance(module, Quantizer) else other).extend(own)
-    groups = [{"params": other, "lr": opts.lr}, {"params": quant, "lr": opts.quant_lr or opts.lr}]
+    groups = [{"params": params, "lr": lr} for params, lr in zip((other, quant), _group_lrs(opts))]
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
 

@@ -4,7 +4,8 @@ same seeds as the full-precision model (DDIM, 25 steps, guidance 3).
 Training data are the full-precision model's own sampling trajectories (both guidance branches) on
 seeds disjoint from the evaluation and calibration seeds; the targets are its outputs there.
 
-    python samples/qat_reference.py --steps 4000 --json qat.json
+    python samples/qat_reference.py --calls 32 --lr 1e-4 --quant-lr 1e-5 --lr-schedule cosine \
+        --records-per-step 8 --steps 750 --json qat.json   # the README's best row, 8 min on an H200
     # the same loss curve on two GPUs (DDP) and on one with the same effective batch:
     accelerate launch --num_processes 2 samples/qat_reference.py --steps 800 --curve-only --out runs/ddp2
     python samples/qat_reference.py --steps 800 --accumulate 2 --curve-only --out runs/single

@@ -81,7 +81,7 @@ def add_qat_parser(sub) -> None:
                    "full-precision copy; default 0: never)")
     p.add_argument("--guidance-loss", type=float, default=0.0, help="weight of the squared "
                    "difference between the errors of the two classifier-free-guidance branches "
-                   "(try the guidance scale squared; default 0: off)")
+                   "(default 0: off)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--spike-threshold", type=float, help="SPAM spike-aware clipping threshold "
                    "(e.g. 5000; default off)")

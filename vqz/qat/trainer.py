@@ -42,7 +42,7 @@ class TrainOptions:
     (0: train on the recorded full-precision trajectories throughout). guidance_loss: weight of the
     squared difference between the errors of the two halves of each call's batch, for denoisers
     called on the conditional and unconditional branches of classifier-free guidance together:
-    the guided step multiplies that difference by the guidance scale (try its square; 0: off)."""
+    the guided step multiplies that difference by the guidance scale (0: off)."""
 
     steps: int
     schedule: RankSchedule

@@ -24,9 +24,9 @@ def as_forward_loop(calib, obj, model: nn.Module, *, passes: int = 1) -> Callabl
     a list of strings, the path of a prompts file (see read_prompts) or "default" (vqz's bundled
     prompts); the pipeline then generates from them (pipeline_forward_loop, its default options).
     """
-    if callable(calib) and not isinstance(calib, nn.Module):
+    if _is_forward_loop(calib):
         return lambda: calib(obj)
-    if isinstance(calib, (str, bytes, PathLike)) or _is_prompt_list(calib):
+    if _is_prompts(calib):
         if not is_pipeline(obj):
             raise TypeError("calibration prompts need a diffusers pipeline (vqz.quantize(pipe, "
                             "...)); for a plain module pass model inputs or a forward_loop(model) "
@@ -53,12 +53,17 @@ def as_forward_loop(calib, obj, model: nn.Module, *, passes: int = 1) -> Callabl
 def generates_inputs(calib) -> bool:
     """Whether `calib` makes the model's inputs as it runs (a forward loop, or prompts a pipeline
     generates from), rather than being fixed batches."""
-    return (callable(calib) and not isinstance(calib, nn.Module)) or \
-        isinstance(calib, (str, bytes, PathLike)) or _is_prompt_list(calib)
+    return _is_forward_loop(calib) or _is_prompts(calib)
 
 
-def _is_prompt_list(calib) -> bool:
-    return isinstance(calib, (list, tuple)) and len(calib) > 0 and all(isinstance(p, str) for p in calib)
+def _is_forward_loop(calib) -> bool:
+    return callable(calib) and not isinstance(calib, nn.Module)
+
+
+def _is_prompts(calib) -> bool:
+    """A prompts file's path, "default", or a list of prompt strings."""
+    return isinstance(calib, (str, bytes, PathLike)) or (
+        isinstance(calib, (list, tuple)) and len(calib) > 0 and all(isinstance(p, str) for p in calib))
 
 
 def _prompts(calib) -> list[str]:

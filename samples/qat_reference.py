@@ -4,7 +4,7 @@ same seeds as the full-precision model (DDIM, 25 steps, guidance 3).
 Training data are the full-precision model's own sampling trajectories (both guidance branches) on
 seeds disjoint from the evaluation and calibration seeds; the targets are its outputs there.
 
-    python samples/qat_reference.py --calls 32 --lr 1e-4 --quant-lr 1e-5 --lr-schedule cosine \
+    python samples/qat_reference.py --calls 32 --lr 1e-4 --quant-lr 1e-5 --lr-schedule cosine \\
         --records-per-step 8 --steps 750 --json qat.json   # the README's best row, 8 min on an H200
     # the same loss curve on two GPUs (DDP) and on one with the same effective batch:
     accelerate launch --num_processes 2 samples/qat_reference.py --steps 800 --curve-only --out runs/ddp2
@@ -24,6 +24,7 @@ import vqz
 from vqz.config import LayerRule, get_qat_preset
 from vqz.eval.images import psnr, ssim
 from vqz.pipelines.reference import load_reference, sample
+from vqz.qat.trainer import LR_SCHEDULES
 
 EVAL_SEED, CALIB_SEED, TRAIN_SEED, HELD_OUT_SEED = 0, 1000, 2000, 3000
 
@@ -120,7 +121,7 @@ def main():
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--records-per-step", type=int, default=1, help="recorded calls batched into "
                    "each forward (mixed timesteps)")
-    p.add_argument("--lr-schedule", default="constant", help="constant or cosine")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--guidance-loss", type=float, default=0.0, help="weight of the squared "
                    "difference between the errors of the conditional and unconditional halves")

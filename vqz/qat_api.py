@@ -56,7 +56,9 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
         raise ValueError("refresh_every re-records the student's own trajectories, which fixed "
                          "batches of inputs cannot give; pass prompts or a forward-loop callable "
                          "as data, or refresh_every=0")
-    refresh_teacher = (teacher_model or copy.deepcopy(target)) if opts.refresh_every else None
+    refresh_teacher = None
+    if opts.refresh_every:
+        refresh_teacher = teacher_model if teacher_model is not None else copy.deepcopy(target)
     plan = _linear_plan(target, cfg)
     identity = {"preset": cfg.name, "config": cfg.to_dict(), "schedule": schedule.to_dict(),
                 "fingerprint": fingerprint}

@@ -84,13 +84,13 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, zp_ptr, wsum_ptr, xl1
 
 
 def _config(m: int, n: int, rank: int) -> dict:
-    """Tile shapes measured best on Hopper (samples/kernel_sweep.py). With a low-rank branch, 8-warp
-    tiles lost 40-150 us to the epilogue's 16-bit MMA on FLUX shapes (H200), 4-warp ones 1-12 us."""
+    """Tile shapes measured best on Hopper (samples/kernel_sweep.py). The register cap keeps two
+    8-warp programs per multiprocessor: the low-rank branch's epilogue took the kernel from 115 to
+    130 registers a thread, one program per multiprocessor, and 40-150 us more on FLUX shapes
+    (H200); capped at 128 (16 bytes of spills) the branch costs 0-5% over no branch."""
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
-    if rank:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=5)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, maxnreg=128)
 
 
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, *,

@@ -53,10 +53,12 @@ def sweep_gemm():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         bf16 = _graph_time_ms([lambda: x @ w.T]) * 1e3
         rows = []
-        for (bm, bn, bk, warps, stages), branch in itertools.product(
-                [(256, 128, 128, 8, 3), (128, 128, 64, 4, 5), (128, 128, 128, 8, 3),
-                 (128, 256, 128, 8, 3), (128, 128, 128, 4, 4)], (True, False)):
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        for (bm, bn, bk, warps, stages, maxnreg), branch in itertools.product(
+                [(256, 128, 128, 8, 3, None), (128, 128, 64, 4, 5, None),
+                 (128, 128, 128, 8, 3, None), (128, 128, 128, 8, 3, 128),
+                 (128, 256, 128, 8, 3, None), (128, 128, 128, 4, 4, None)], (True, False)):
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                       maxnreg=maxnreg)
             extra = dict(xl1=xl1, l2=l2) if branch else {}
             t = _graph_time_ms([lambda: int8_gemm(a, b, sa, sb, config=cfg, **extra)])
             rows.append((t * 1e3, dict(cfg, branch=branch)))

@@ -13,7 +13,7 @@ from vqz.kernels import act_quant, int4_weights, int8_gemm, reference  # noqa: E
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-ROWS = [1, 7, 333, 4096] if CUDA else [1, 7, 40]
+ROWS = [1, 7, 333, 4096] if CUDA else [1, 7, 40, 130]  # 130: the large-M tiles
 DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16, torch.float32]
 K_AWKWARD = 200  # not a multiple of any block or group
 

@@ -2,7 +2,7 @@
 defaults in kernels/act_quant.py (ACT_CONFIG) and kernels/int8_gemm.py (_config), with and without
 the rank-32 branch; also times the branch's down-projection on cuBLAS.
 
-    python samples/kernel_sweep.py [--act-only | --w4a16]
+    python samples/kernel_sweep.py [--act-only | --w4a16 | --unpack]
 """
 import itertools
 import sys
@@ -90,10 +90,38 @@ def sweep_w4a16():
               " | ".join(f"{t:.1f}us ({bf16 / t:.2f}x) {c}" for t, c in rows[:5]), flush=True)
 
 
+def sweep_unpack():
+    """The memory layout's unpack of packed 4-bit weights (group 64) into int8, on FLUX's weight
+    shapes: rows and groups per program. Its bytes floor: read 1/2, write 1 byte per weight."""
+    from vqz.kernels.bench import _copies
+    from vqz.kernels.int4_weights import unpack_int4
+
+    totals = {}
+    for n, k in [(9216, 3072), (12288, 3072), (3072, 12288), (3072, 3072)]:
+        layers = [_Layer(n, k, seed) for seed in range(_copies(n * k * 3 // 2))]
+        out = torch.empty(n, k, device="cuda", dtype=torch.int8)
+        floor = n * k * 1.5 / 2.69e12 * 1e6
+        rows = []
+        for bn, bg, warps in itertools.product((4, 8, 16, 32), (1, 2, 4, 8), (4, 8)):
+            cfg = dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=warps)
+            t = _graph_time_ms([lambda layer=layer: unpack_int4(layer.packed, layer.mult, k, 64,
+                                                                out=out, config=cfg)
+                                for layer in layers]) * 1e3
+            rows.append((t, cfg))
+            totals[str(cfg)] = totals.get(str(cfg), 0.0) + t
+        rows.sort(key=lambda r: r[0])
+        print(f"unpack {n}x{k} (bytes floor {floor:.0f}us at 2.69 TB/s): " +
+              " | ".join(f"{t:.1f}us {c}" for t, c in rows[:5]), flush=True)
+    best = min(totals, key=totals.get)
+    print(f"unpack best over the shapes: {best} ({totals[best]:.1f}us in total)")
+
+
 if __name__ == "__main__":
     if "--w4a16" in sys.argv:
         sweep_w4a16()
+    elif "--unpack" in sys.argv:
+        sweep_unpack()
     else:
         sweep_act()
-    if not {"--act-only", "--w4a16"} & set(sys.argv):
+    if not {"--act-only", "--w4a16", "--unpack"} & set(sys.argv):
         sweep_gemm()

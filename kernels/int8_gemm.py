@@ -83,7 +83,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, zp_ptr, wsum_ptr, xl1
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-def _config(m: int, n: int, rank: int) -> dict:
+def _config(m: int) -> dict:
     """Tile shapes measured best on Hopper (samples/kernel_sweep.py). The register cap keeps two
     8-warp programs per multiprocessor: the low-rank branch's epilogue took the kernel from 115 to
     130 registers a thread, one program per multiprocessor, and 40-150 us more on FLUX shapes
@@ -106,7 +106,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
     n = b.shape[0]
     r = 0 if xl1 is None else xl1.shape[1]
     c = torch.empty(m, n, device=a.device, dtype=out_dtype)
-    cfg = dict(config or _config(m, n, r))
+    cfg = dict(config or _config(m))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _int8_gemm_kernel[grid](
         a, b, c, scale_a, scale_b, zero_point if zero_point is not None else scale_a,

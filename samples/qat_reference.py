@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 import vqz
-from vqz.config import LayerRule, get_qat_preset
+from vqz.config import LayerRule, get_preset, get_qat_preset
 from vqz.eval.images import psnr, ssim
 from vqz.pipelines.reference import load_reference, sample
 from vqz.qat.trainer import LR_SCHEDULES
@@ -164,13 +164,19 @@ def main():
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
         held_out = held_out_calls(fp, args.sample_steps)
-        start = time.perf_counter()
-        ptq = vqz.quantize(copy.deepcopy(fp), "w4a4-svd",
-                           calib=lambda m: sample(m, n=16, seed=CALIB_SEED, steps=args.sample_steps))
-        results["ptq_w4a4_svd"] = {**quality(ptq, reference, args.n, args.sample_steps),
-                                   "seconds": time.perf_counter() - start,
-                                   "call_mse": call_error(ptq, held_out)}
-        print(f"PTQ w4a4-svd: {results['ptq_w4a4_svd']}", flush=True)
+        baselines = {"ptq_w4a4_svd": get_preset("w4a4-svd")}
+        if args.a8_layers:  # the like-for-like PTQ baseline of a mixed recipe
+            ptq_svd = get_preset("w4a4-svd")
+            baselines["ptq_w4a4_svd_mixed"] = replace(ptq_svd, rules=ptq_svd.rules + (
+                LayerRule(args.a8_layers, act=get_preset("w4a8").act),))
+        for key, config in baselines.items():
+            start = time.perf_counter()
+            ptq = vqz.quantize(copy.deepcopy(fp), config, calib=lambda m: sample(
+                m, n=16, seed=CALIB_SEED, steps=args.sample_steps))
+            results[key] = {**quality(ptq, reference, args.n, args.sample_steps),
+                            "seconds": time.perf_counter() - start,
+                            "call_mse": call_error(ptq, held_out)}
+            print(f"PTQ {key}: {results[key]}", flush=True)
     student = copy.deepcopy(fp)
     start = time.perf_counter()
     recipe = replace(get_qat_preset("w4a4-qat"), smooth=args.smooth, rotate=not args.no_rotate)

@@ -164,10 +164,10 @@ def main():
     if not args.curve_only and state.is_main_process:
         reference = sample(fp, n=args.n, seed=EVAL_SEED, steps=args.sample_steps)
         held_out = held_out_calls(fp, args.sample_steps)
-        baselines = {"ptq_w4a4_svd": get_preset("w4a4-svd")}
+        svd = get_preset("w4a4-svd")
+        baselines = {"ptq_w4a4_svd": svd}
         if args.a8_layers:  # the like-for-like PTQ baseline of a mixed recipe
-            ptq_svd = get_preset("w4a4-svd")
-            baselines["ptq_w4a4_svd_mixed"] = replace(ptq_svd, rules=ptq_svd.rules + (
+            baselines["ptq_w4a4_svd_mixed"] = replace(svd, rules=svd.rules + (
                 LayerRule(args.a8_layers, act=get_preset("w4a8").act),))
         for key, config in baselines.items():
             start = time.perf_counter()

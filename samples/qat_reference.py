@@ -105,6 +105,12 @@ def call_error(model, records, guidance: float = 3.0) -> dict:
     return {k: sum(v) / len(v) for k, v in errors.items()}
 
 
+def with_8bit_inputs(config, pattern: str, eight_bit):
+    """`config` with the inputs of the layers matching `pattern` quantized as `eight_bit`'s
+    activations (a mixed recipe)."""
+    return replace(config, rules=config.rules + (LayerRule(pattern, act=eight_bit.act),))
+
+
 def quality(model, reference, n, steps) -> dict:
     images = sample(model, n=n, seed=EVAL_SEED, steps=steps)
     return {"psnr_db": psnr(images, reference).mean().item(), "ssim": ssim(images, reference).mean().item()}
@@ -167,8 +173,8 @@ def main():
         svd = get_preset("w4a4-svd")
         baselines = {"ptq_w4a4_svd": svd}
         if args.a8_layers:  # the like-for-like PTQ baseline of a mixed recipe
-            baselines["ptq_w4a4_svd_mixed"] = replace(svd, rules=svd.rules + (
-                LayerRule(args.a8_layers, act=get_preset("w4a8").act),))
+            baselines["ptq_w4a4_svd_mixed"] = with_8bit_inputs(svd, args.a8_layers,
+                                                               get_preset("w4a8"))
         for key, config in baselines.items():
             start = time.perf_counter()
             ptq = vqz.quantize(copy.deepcopy(fp), config, calib=lambda m: sample(
@@ -183,8 +189,7 @@ def main():
     if args.rank is not None:
         recipe = replace(recipe, rank=args.rank)
     if args.a8_layers:
-        recipe = replace(recipe, rules=recipe.rules + (
-            LayerRule(args.a8_layers, act=get_qat_preset("w4a8-qat").act),))
+        recipe = with_8bit_inputs(recipe, args.a8_layers, get_qat_preset("w4a8-qat"))
     weight = None
     if args.sensitivity_power is not None:
         sensitivity = timestep_sensitivity(fp, n=16, steps=args.sample_steps)

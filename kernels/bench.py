@@ -94,6 +94,7 @@ class _Layer:
             torch.float8_e4m3fn)
         self.s_fp8 = self.w.float().abs().amax(1)[None, :] / 448
         self.w16_scale = (torch.rand(n, -(-k // 128), device="cuda", generator=g) / 10)
+        self.w16_words = reference.w4a16_words(self.packed, k, 128)  # the same codes, W4A16's order
         self.l1 = torch.randn(k, RANK, device="cuda", generator=g, dtype=torch.bfloat16) / k**0.5
         self.l2 = torch.randn(RANK, n, device="cuda", generator=g, dtype=torch.bfloat16) / RANK**0.5
         self.smooth = torch.rand(k, device="cuda", generator=g) + 0.5
@@ -156,7 +157,7 @@ def bench_w4a16(m, n, k) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bf16 = _graph_time_ms([lambda layer=layer: F.linear(x, layer.w) for layer in layers])
     # the scale table is per 128 columns here: w4a16's default group
-    w4 = _graph_time_ms([lambda layer=layer: w4a16_gemm(x, layer.packed, layer.w16_scale, k, 128)
+    w4 = _graph_time_ms([lambda layer=layer: w4a16_gemm(x, layer.w16_words, layer.w16_scale, k, 128)
                          for layer in layers])
     return {"bf16": bf16, "w4a16": w4, "speedup": bf16 / w4,
             "floor_bf16_ms": n * k * 2 / BANDWIDTH * 1e3, "floor_w4_ms": n * k * 0.53 / BANDWIDTH * 1e3}

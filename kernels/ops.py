@@ -83,17 +83,17 @@ def _(packed, multiplier, k, group):
     return packed.new_empty(packed.shape[0], k, dtype=torch.int8)
 
 
-def _w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int, group: int,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    return reference.w4a16_gemm(x, packed, scale, k, group, bias)
+def _w4a16_gemm(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, k: int, group: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    return reference.w4a16_gemm(x, words, scale, k, group, bias)
 
 
 w4a16_gemm = torch.library.custom_op("vqz::w4a16_gemm", mutates_args=())(_w4a16_gemm)
 
 
 @w4a16_gemm.register_fake
-def _(x, packed, scale, k, group, bias):
-    return x.new_empty(x.shape[0], packed.shape[0])
+def _(x, words, scale, k, group, bias):
+    return x.new_empty(x.shape[0], words.shape[0])
 
 
 def _triton_functions() -> dict:
@@ -117,8 +117,8 @@ def _triton_functions() -> dict:
     def unpack(packed, multiplier, k, group):
         return int4_weights.unpack_int4(packed, multiplier, k, group)
 
-    def w4a16(x, packed, scale, k, group, bias):
-        return int4_weights.w4a16_gemm(x, packed, scale, k, group, bias)
+    def w4a16(x, words, scale, k, group, bias):
+        return int4_weights.w4a16_gemm(x, words, scale, k, group, bias)
 
     return {"act_quant_group": act_group, "act_quant_token": act_token, "int8_gemm": int8,
             "unpack_int4": unpack, "w4a16_gemm": w4a16}

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from vqz.formats import FPFormat, IntFormat, unpack_codes
 from vqz.nn.rotation import hadamard_rotate
 
-from . import ops
+from . import ops, reference
 from .dispatch import register_linear_kernel
 
 LAYOUTS = ("speed", "memory")
@@ -117,7 +117,9 @@ def prepare(layer, layout: str = DEFAULT_LAYOUT) -> bool:
     if kind is None:
         return False
     qw = layer.qweight
-    if kind == "w4a16":
+    if kind == "w4a16":  # the same codes in the kernel's order: a second 4-bit copy
+        _set(layer, "kernel_weight",
+             reference.w4a16_words(qw.codes, qw.k, layer.weight_spec.group_size))
         return True
     if kind == "fp8":
         _set(layer, "kernel_weight", qw.codes.view(torch.float8_e4m3fn))
@@ -195,7 +197,7 @@ def run(layer, x: torch.Tensor) -> torch.Tensor:
     bias = layer.bias
     if layer.kernel_kind == "w4a16":
         qw = layer.qweight
-        y = _op("w4a16_gemm", x.device)(x2, qw.codes, qw.scale, qw.k,
+        y = _op("w4a16_gemm", x.device)(x2, layer.kernel_weight, qw.scale, qw.k,
                                         layer.weight_spec.group_size, bias)
     elif layer.kernel_kind == "fp8":
         a, scale, _ = _op("act_quant_token", x.device)(x2, layer.smooth, "e4m3", layer.rotate)

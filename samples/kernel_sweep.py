@@ -68,26 +68,30 @@ def sweep_gemm():
 
 
 def sweep_w4a16():
-    """W4A16 at M = 1 and 16 on FLUX's weight shapes: columns per program, how many programs per
-    multiprocessor split K aims at, pipeline depth."""
+    """W4A16 at M = 1 and 16 on FLUX's weight shapes: weight rows per program, how many programs per
+    multiprocessor split K aims at, warps, pipeline depth."""
     from vqz.kernels.bench import _copies
     from vqz.kernels.int4_weights import w4a16_gemm
 
+    relative = {}  # per config, the sum over the shapes of its time / BF16's
     for m, (n, k) in itertools.product((1, 16), [(9216, 3072), (12288, 3072), (3072, 12288),
                                                  (3072, 3072)]):
         layers = [_Layer(n, k, seed) for seed in range(_copies(n * k * 2))]
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         bf16 = _graph_time_ms([lambda w=layer.w: x @ w.T for layer in layers]) * 1e3
         rows = []
-        for bn, waves, stages in itertools.product((16, 32, 64), (1, 2, 4, 8), (3, 6)):
-            cfg = dict(BLOCK_N=bn, WAVES=waves, num_warps=4, num_stages=stages)
-            t = _graph_time_ms([lambda layer=layer: w4a16_gemm(x, layer.packed, layer.w16_scale, k,
-                                                               128, config=cfg)
+        for bn, waves, warps, stages in itertools.product((64, 128), (2, 3, 4, 6), (4, 8), (3, 4)):
+            cfg = dict(BLOCK_N=bn, WAVES=waves, num_warps=warps, num_stages=stages)
+            t = _graph_time_ms([lambda layer=layer: w4a16_gemm(x, layer.w16_words, layer.w16_scale,
+                                                               k, 128, config=cfg)
                                 for layer in layers]) * 1e3
             rows.append((t, cfg))
+            relative[str(cfg)] = relative.get(str(cfg), 0.0) + t / bf16
         rows.sort(key=lambda r: r[0])
         print(f"w4a16 M={m} {n}x{k}: bf16 {bf16:.1f}us | " +
               " | ".join(f"{t:.1f}us ({bf16 / t:.2f}x) {c}" for t, c in rows[:5]), flush=True)
+    best = min(relative, key=relative.get)
+    print(f"w4a16 best over the shapes: {best} (mean time / BF16 {relative[best] / 8:.3f})")
 
 
 def sweep_unpack():

@@ -129,6 +129,22 @@ def test_unpack_int4_matches_reference(n, k):
     assert torch.equal(got.cpu(), (codes.int() * mult.cpu().repeat_interleave(64, 1)[:, :k]).to(torch.int8))
 
 
+@pytest.mark.parametrize("k,group", [(K_AWKWARD, 64), (512, 128), (96, 32)])
+def test_w4a16_word_order_is_a_reordering_of_the_packed_codes(k, group):
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(-8, 8, (6, k), generator=g, dtype=torch.int8)
+    words = reference.w4a16_words(pack_codes(codes, 4), k, group)
+    assert words.dtype == torch.int32 and words.shape == (6, -(-k // group) * group // 8)
+    assert torch.equal(reference.w4a16_codes(words, k, group), codes)
+    # word c*T + t of a group holds k = 32t + 16*j2 + 8*j1 + 2c + j0 in nibble (0,4,1,5,2,6,3,7)[o]
+    t_count = group // 32
+    for c, t, o in [(0, 0, 0), (1, 0, 1), (3, t_count - 1, 7), (2, t_count - 1, 2)]:
+        j2, j1, j0 = o >> 2, (o >> 1) & 1, o & 1
+        col = 32 * t + 16 * j2 + 8 * j1 + 2 * c + j0
+        nibble = (int(words[0, c * t_count + t]) >> (4 * (0, 4, 1, 5, 2, 6, 3, 7)[o])) & 0xF
+        assert nibble == int(codes[0, col]) & 0xF
+
+
 @pytest.mark.parametrize("m", [1, 7, 16, 64])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,group", [(K_AWKWARD, 64), (512, 128)])
@@ -136,12 +152,13 @@ def test_w4a16_gemm_matches_reference(m, dtype, k, group):
     n = 96
     g = torch.Generator().manual_seed(6)
     packed = pack_codes(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8), 4).to(DEVICE)
+    words = reference.w4a16_words(packed, k, group)
     scale = (torch.rand(n, -(-k // group), generator=g) / 10).to(DEVICE)
     x = _x(m, k, dtype)
     bias = torch.randn(n, device=DEVICE, dtype=dtype)
-    want = reference.w4a16_gemm(x.float(), packed, scale, k, group, bias)
-    for split_k in (None, 1, 3):  # the default, one split (no second pass), partials summed
-        y = _twice(int4_weights.w4a16_gemm, x, packed, scale, k, group, bias, split_k)
+    want = reference.w4a16_gemm(x.float(), words, scale, k, group, bias)
+    for split_k in (None, 1, 3):  # the default, one split, partials added by the last split
+        y = _twice(int4_weights.w4a16_gemm, x, words, scale, k, group, bias, split_k)
         # the kernel rounds only its output to 16 bits
         assert torch.allclose(y.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
         assert (y.float() - want).abs().mean() < 2e-3 * want.abs().mean()
@@ -182,7 +199,7 @@ def test_eager_launches_take_the_custom_ops_arguments():
     mult = torch.randint(1, 17, (48, 2), generator=g, dtype=torch.uint8).to(DEVICE)
     args["unpack_int4"] = (packed, mult, 128, 64)
     scale = (torch.rand(48, 4, generator=g) / 10).to(DEVICE)
-    args["w4a16_gemm"] = (x, packed, scale, 128, 32, None)
+    args["w4a16_gemm"] = (x, reference.w4a16_words(packed, 128, 32), scale, 128, 32, None)
     for name, call in args.items():
         got, want = direct[name](*call), ops.PLAIN[name](*call)
         for kernel_out, reference_out in zip(got if isinstance(got, tuple) else (got,),

@@ -1,5 +1,6 @@
-"""QAT `w4a4-qat` of the reference DiT against PTQ `w4a4-svd`: PSNR/SSIM of samples drawn with the
-same seeds as the full-precision model (DDIM, 25 steps, guidance 3).
+"""QAT `w4a4-qat` (or `--preset w4a4-svd-qat`: SVDQuant's layers with their 16-bit branch, trained
+and kept) of the reference DiT against PTQ `w4a4-svd`: PSNR/SSIM of samples drawn with the same
+seeds as the full-precision model (DDIM, 25 steps, guidance 3).
 
 Training data are the full-precision model's own sampling trajectories (both guidance branches) on
 seeds disjoint from the evaluation and calibration seeds; the targets are its outputs there.
@@ -21,7 +22,7 @@ from dataclasses import replace
 import torch
 
 import vqz
-from vqz.config import LayerRule, get_preset, get_qat_preset
+from vqz.config import LayerRule, get_preset, get_qat_preset, qat_presets
 from vqz.eval.images import psnr, ssim
 from vqz.pipelines.reference import load_reference, sample
 from vqz.qat.trainer import LR_SCHEDULES
@@ -118,6 +119,8 @@ def quality(model, reference, n, steps) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=qat_presets(), default="w4a4-qat", help="the QAT recipe "
+                   "(default w4a4-qat)")
     p.add_argument("--steps", type=int, default=4000, help="QAT optimizer steps")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--quant-lr", type=float, help="learning rate of the learned scales and clip "
@@ -137,30 +140,46 @@ def main():
     p.add_argument("--batch", type=int, default=32, help="images per sampler run (2x per call: CFG)")
     p.add_argument("--n", type=int, default=32, help="evaluation images")
     p.add_argument("--sample-steps", type=int, default=25)
-    p.add_argument("--smooth", action="store_true", help="w4a4-qat with SVDQuant smoothing")
-    p.add_argument("--no-rotate", action="store_true", help="w4a4-qat without its block-Hadamard "
-                   "rotation")
+    p.add_argument("--smooth", action="store_true", help="add SVDQuant smoothing (w4a4-svd-qat "
+                   "has it)")
+    p.add_argument("--no-rotate", action="store_true", help="drop the preset's block-Hadamard "
+                   "rotation (w4a4-qat's)")
     p.add_argument("--a8-layers", metavar="GLOB", help="layers whose inputs stay 8-bit (w4a8-qat's "
                    "activations), e.g. '*.ff.net.0.proj': a mixed recipe, not W4A4 everywhere")
     p.add_argument("--sensitivity-power", type=float, metavar="P", help="weight each training "
                    "call's loss by (how much an error at its timestep moves the final images)^P "
                    "(timestep_sensitivity), instead of uniformly")
-    p.add_argument("--rank", type=int, help="the auxiliary branch's starting rank (default: the "
-                   "preset's 32; 0: plain QAT from the rank-0 quantization)")
-    p.add_argument("--decay-fraction", type=float, default=0.75, help="share of the steps over "
-                   "which the auxiliary branch's rank decays to 0 (the rest trains at rank 0)")
+    p.add_argument("--rank", type=int, help="the auxiliary branch's starting rank, or with "
+                   "w4a4-svd-qat the kept branch's rank (default: the preset's 32; 0: plain QAT from "
+                   "the rank-0 quantization); the PTQ baseline keeps w4a4-svd's 32")
+    p.add_argument("--decay-fraction", type=float, help="share of the steps over which the "
+                   "auxiliary branch's rank decays to 0, the rest training at rank 0 (default 0.75; "
+                   "not for w4a4-svd-qat, which keeps its branch)")
     p.add_argument("--curve-only", action="store_true", help="train and write the loss log only")
     p.add_argument("--out", help="checkpoints and the loss log")
     p.add_argument("--json")
     args = p.parse_args()
+    recipe = get_qat_preset(args.preset)
+    if args.smooth and recipe.smooth:
+        p.error(f"--smooth: {args.preset} smooths already")
+    if args.no_rotate and not recipe.rotate:
+        p.error(f"--no-rotate: {args.preset} does not rotate")
+    if recipe.keep_branch and args.decay_fraction is not None:
+        p.error(f"--decay-fraction: {args.preset} keeps its branch, which does not decay")
+    recipe = replace(recipe, smooth=recipe.smooth or args.smooth,
+                     rotate=recipe.rotate and not args.no_rotate)
+    if args.rank is not None:
+        recipe = replace(recipe, rank=args.rank)
+    if args.a8_layers:
+        recipe = with_8bit_inputs(recipe, args.a8_layers, get_qat_preset("w4a8-qat"))
 
     from accelerate import PartialState
 
     state = PartialState()
     fp = load_reference("dit").to(state.device)
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "processes": state.num_processes, "steps": args.steps, "lr": args.lr, "smooth": args.smooth,
-               "rotate": not args.no_rotate, "a8_layers": args.a8_layers,
+               "processes": state.num_processes, "preset": args.preset, "steps": args.steps,
+               "lr": args.lr, "smooth": recipe.smooth, "rotate": recipe.rotate, "a8_layers": args.a8_layers,
                "sensitivity_power": args.sensitivity_power, "decay_fraction": args.decay_fraction, "rank": args.rank,
                "quant_lr": args.quant_lr, "spike_threshold": args.spike_threshold,
                "accumulate": args.accumulate, "records_per_step": args.records_per_step,
@@ -185,11 +204,6 @@ def main():
             print(f"PTQ {key}: {results[key]}", flush=True)
     student = copy.deepcopy(fp)
     start = time.perf_counter()
-    recipe = replace(get_qat_preset("w4a4-qat"), smooth=args.smooth, rotate=not args.no_rotate)
-    if args.rank is not None:
-        recipe = replace(recipe, rank=args.rank)
-    if args.a8_layers:
-        recipe = with_8bit_inputs(recipe, args.a8_layers, get_qat_preset("w4a8-qat"))
     weight = None
     if args.sensitivity_power is not None:
         sensitivity = timestep_sensitivity(fp, n=16, steps=args.sample_steps)
@@ -210,7 +224,7 @@ def main():
     if not args.curve_only and state.is_main_process:
         results["qat_w4a4"] = {**quality(student, reference, args.n, args.sample_steps),
                                "call_mse": call_error(student, held_out)}
-        print(f"QAT w4a4-qat: {results['qat_w4a4']}", flush=True)
+        print(f"QAT {args.preset}: {results['qat_w4a4']}", flush=True)
     if state.is_main_process:
         print(json.dumps(results, indent=2))
         if args.json:

@@ -68,7 +68,7 @@ def test_cli_errors_are_clear(tmp_path):
 def test_presets_command_lists_every_preset():
     result = run_cli("presets")
     assert result.returncode == 0
-    for name in vqz.presets():
+    for name in vqz.presets() + vqz.config.qat_presets():
         assert name in result.stdout
 
 

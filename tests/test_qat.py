@@ -1,4 +1,5 @@
-"""Rank-decaying QAT: the schedule, the wrapper, export, the trainer and its checkpoints."""
+"""QAT: the rank schedule, the wrapper (decaying or kept branch), export, the trainer and its
+checkpoints."""
 import math
 from dataclasses import replace
 
@@ -7,11 +8,13 @@ import torch
 from torch import nn
 
 import vqz
-from vqz.config import LayerRule, QuantSpec, get_qat_preset
+from vqz.algorithms.svd import svd_quantize
+from vqz.config import LayerRule, QuantSpec, get_preset, get_qat_preset
 from vqz.eval.images import sqnr
 from vqz.nn import QuantLinear
 from vqz.qat import QATLinear, RankSchedule
 from vqz.qat.data import Record, merge_records
+from vqz.qat.model import apply_schedule
 from vqz.qat.schedule import decay_ranks
 from vqz.qat.stability import clip_spikes, reset_moments
 from vqz.qat.trainer import TrainOptions, lr_factor
@@ -62,6 +65,15 @@ def test_full_rank_branch_restores_the_weight_exactly():
     assert (w_hat - linear.weight).abs().max() < 1e-4
     x = torch.randn(5, 64)
     assert torch.allclose(layer(x), linear(x), atol=1e-4)
+
+
+def test_wrapper_trains_a_copy_of_the_weight():
+    linear = _linear()
+    before = linear.weight.detach().clone()
+    layer = QATLinear(linear, W4, None, rank=4)  # no smoothing or rotation: W' = W
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert torch.equal(linear.weight, before)  # a failed run can put the original back
 
 
 def test_refactor_keeps_the_best_low_rank_part():
@@ -119,6 +131,48 @@ def test_smoothed_wrapper_divides_the_input_and_exports_the_same_function():
     quantized.set_fade(0, 0, 1.0)
     exported = quantized.to_quant_linear()
     assert torch.equal(exported.smooth, lam) and torch.equal(exported(x), quantized(x))
+
+
+def _svd_factors(linear, rank, seed=1):
+    """svd_quantize's smoothing and branch for `linear`, from random calibration rows."""
+    x = torch.randn(32, linear.in_features, generator=torch.Generator().manual_seed(seed))
+    x[:, 5] *= 10  # an outlier channel, so smoothing has something to move
+    return svd_quantize(linear.weight, rank=rank, weight_spec=W4, act_spec=A4,
+                        x_absmax=x.abs().amax(0), x_sample=x)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_kept_branch_starts_as_svdquant_and_exports_what_it_trained(rotate):
+    linear = _linear()
+    svd = _svd_factors(linear, rank=8)
+    layer = QATLinear(linear, W4, A4, rank=8, smooth=svd.smooth, rotate=rotate, lowrank=svd.lowrank)
+    frozen = [replace(s, learnable=False) for s in (W4, A4)]
+    ptq = QuantLinear.from_float(linear, *frozen, smooth=svd.smooth, lowrank=svd.lowrank,
+                                 rotate=rotate)
+    x = torch.randn(7, 64) * torch.linspace(0.1, 3, 64)
+    with torch.no_grad():
+        assert torch.equal(layer(x), ptq(x))
+        assert torch.equal(layer.weight_quantizer(layer.weight), ptq.dequantized_weight())
+    assert apply_schedule([layer], RankSchedule(8, every=1), step=3) is False  # not decayed
+    assert torch.equal(layer.fade, torch.ones(8)) and torch.equal(layer.lora_down, ptq.lora_down)
+    with torch.no_grad():  # as if trained
+        layer.weight.add_(0.01 * torch.randn_like(layer.weight))
+        layer.lora_down.mul_(1.2)
+        layer.weight_quantizer.scale.mul_(1.1)
+        layer.act_quantizer.clip.fill_(0.8)
+    exported = layer.to_quant_linear()
+    assert exported.rank == 8 and exported.rotate == rotate
+    assert torch.equal(exported.lora_down, layer.lora_down)
+    assert torch.equal(exported.lora_up, layer.lora_up)
+    with torch.no_grad():
+        assert torch.equal(exported(x), layer(x))
+        assert not torch.equal(exported(x), ptq(x))
+
+
+def test_kept_branch_of_another_rank_is_refused():
+    linear = _linear()
+    with pytest.raises(ValueError, match="kept branch has rank 8, the layer rank 4"):
+        QATLinear(linear, W4, A4, rank=4, lowrank=_svd_factors(linear, rank=8).lowrank)
 
 
 def test_spike_clipping_and_moment_reset():
@@ -294,6 +348,58 @@ def test_rotated_recipe_trains_and_round_trips(tiny_dit, tmp_path):
     loaded = vqz.load(build(), tmp_path / "q")
     assert loaded.transformer_blocks[0].ff.net[2].rotate
     assert torch.equal(_out(loaded, data[0]), _out(model, data[0]))
+
+
+def _svd_recipe(rank=8):
+    return replace(get_qat_preset("w4a4-svd-qat"), rank=rank)
+
+
+def _ptq_svd(model, data, rank=8):
+    """PTQ w4a4-svd of the Linear layers QAT trains (the patch-embedding Conv2d stays fp)."""
+    config = replace(get_preset("w4a4-svd"), rank=rank, rules=(LayerRule(types=("Conv2d",), skip=True),))
+    return vqz.quantize(model, config, calib=data)
+
+
+def test_svd_qat_before_training_is_ptq_w4a4_svd(tiny_dit):
+    build, data = tiny_dit
+    model = build()
+    vqz.train_qat(model, _svd_recipe(), data=data, steps=1, lr=0.0)  # lr 0: exported as it started
+    ptq = _ptq_svd(build(), data)
+    assert model.transformer_blocks[0].attn1.to_q.rank == 8
+    for x in data:
+        assert torch.equal(_out(model, x), _out(ptq, x))
+
+
+def test_svd_qat_trains_its_kept_branch_resumes_and_round_trips(tiny_dit, tmp_path):
+    build, data = tiny_dit
+    fp, model = build(), build()
+    log = vqz.train_qat(model, _svd_recipe(), data=data, steps=16, lr=1e-4, out=tmp_path / "run",
+                        checkpoint_every=8)
+    first, last = _epoch_means(log, 4)
+    assert last < first and log.ranks == [0] * 16  # no decaying branch
+    ptq = _ptq_svd(build(), data)
+    layer, start = model.transformer_blocks[0].ff.net[2], ptq.transformer_blocks[0].ff.net[2]
+    assert isinstance(layer, QuantLinear) and layer.rank == 8 and layer.smooth is not None
+    assert not torch.equal(layer.lora_down, start.lora_down)  # the branch was trained
+    assert {r["rank"] for r in vqz.summary(model) if r["status"] == "quantized"} == {8}
+    for x in data:
+        assert sqnr(_out(model, x), _out(fp, x)) > sqnr(_out(ptq, x), _out(fp, x))
+    resumed = build()
+    vqz.train_qat(resumed, _svd_recipe(), data=data, steps=16, lr=1e-4,
+                  resume=tmp_path / "run" / "checkpoint-8")
+    assert torch.allclose(_out(resumed, data[0]), _out(model, data[0]), atol=1e-5)
+    vqz.save(model, tmp_path / "q")
+    loaded = vqz.load(build(), tmp_path / "q")
+    assert loaded.transformer_blocks[0].ff.net[2].rank == 8
+    for x in data:
+        assert torch.equal(_out(loaded, x), _out(model, x))
+
+
+def test_svd_qat_refuses_a_rank_schedule(tiny_dit):
+    build, data = tiny_dit
+    for decay in ({"decay_every": 2}, {"decay_start": 4}, {"decay_fraction": 0.5}):
+        with pytest.raises(ValueError, match="keeps its low-rank branch.*drop decay_every"):
+            vqz.train_qat(build(), "w4a4-svd-qat", data=data, steps=8, **decay)
 
 
 def test_frozen_parameters_stay_frozen_and_untouched(tiny_dit):

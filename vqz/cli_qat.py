@@ -64,12 +64,13 @@ def add_qat_parser(sub) -> None:
                    "pipeline's)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     p.add_argument("--smooth", action=argparse.BooleanOptionalAction, help="SVDQuant smoothing, "
-                   "kept at inference (default: the preset's, off)")
+                   "kept at inference (default: the preset's, on for w4a4-svd-qat only)")
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, help="block-Hadamard rotation "
                    "of the inputs of layers with a channel count divisible by 64 (default: the "
                    "preset's, on for w4a4-qat)")
     p.add_argument("--decay-every", type=int, help="steps per rank halving (default: the decay "
-                   "spread over the first 75%% of the steps)")
+                   "spread over the first 75%% of the steps; w4a4-svd-qat keeps its branch and "
+                   "has no decay)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="constant, or cosine decay to 0 at the last step (default constant)")
     p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear learning-rate warm-up")

@@ -187,6 +187,10 @@ class QuantConfig:
     weight/act: the default specs (act=None: weight-only).
     rank: rank of the 16-bit low-rank branch (0: none). smooth: per-input-channel smoothing
     (alpha=None searches alpha per layer). gptq: GPTQ on the (residual) weights.
+    keep_branch: for QAT (vqz.train_qat) only: the branch is SVDQuant's (on the unquantized input
+    x̂, initialised from the SVD of the smoothed weight, whose residual is quantized), trained and
+    kept at inference, instead of an auxiliary branch on the quantized input that training decays
+    to rank 0. (Post-training quantization always keeps its branch.)
     exclude: globs of module names kept in full precision. rules: per-layer changes.
     split_shortcut: give convolutions that consume a UNet skip concatenation one activation and
     weight quantizer per half (where the model's adapter finds such layers).
@@ -213,6 +217,7 @@ class QuantConfig:
     weight: QuantSpec | None = field(default_factory=lambda: QuantSpec("int8", "channel"))
     act: QuantSpec | None = None
     rank: int = 0
+    keep_branch: bool = False
     smooth: bool = False
     alpha: float | None = None
     gptq: bool = False
@@ -386,13 +391,18 @@ _PRESETS = {
 
 # Quantization-aware training recipes (vqz.train_qat): learnable weight scales (LSQ) and learned
 # clip ratios of dynamic activations per timestep range; `rank` is the starting rank of the
-# auxiliary low-rank branch that training decays to 0. Not for vqz.quantize.
+# auxiliary low-rank branch that training decays to 0, or with keep_branch the rank of the 16-bit
+# branch that is trained and kept (w4a4-svd-qat: w4a4-svd's quantizers, learned). Not for
+# vqz.quantize.
 _QAT_PRESETS = {
     "w4a4-qat": QuantConfig("w4a4-qat", replace(_int_w(4, 64), learnable=True),
                             replace(_dyn_a("int4", 64, symmetric=False), learnable=True), rank=32,
                             timestep_buckets=4, rotate=True),
     "w4a8-qat": QuantConfig("w4a8-qat", replace(_int_w(4, 64), learnable=True),
                             replace(_A8, learnable=True), rank=32, timestep_buckets=4),
+    "w4a4-svd-qat": QuantConfig("w4a4-svd-qat", replace(_PRESETS["w4a4-svd"].weight, learnable=True),
+                                replace(_PRESETS["w4a4-svd"].act, learnable=True), rank=32,
+                                keep_branch=True, smooth=True, timestep_buckets=4),
 }
 
 # Recipes made for one model family, and the generic names that family's adapter resolves to them
@@ -438,6 +448,9 @@ PRESET_DESCRIPTIONS = {
     "w4a8-qat": "QAT: INT4 group-64 weights with learned scales, INT8 per-token asymmetric "
                 "activations with learned clip ratios per timestep range, rank-32 auxiliary branch "
                 "decayed to 0",
+    "w4a4-svd-qat": "QAT of SVDQuant (w4a4-svd): smoothing, INT4 group-64 weights with learned "
+                    "scales, INT4 group-64 dynamic symmetric activations with learned clip ratios "
+                    "per timestep range, rank-32 16-bit branch trained and kept",
 }
 
 

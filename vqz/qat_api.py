@@ -1,4 +1,5 @@
-"""vqz.train_qat: quantization-aware training with rank-decaying wrappers (QVGen), in one call."""
+"""vqz.train_qat: quantization-aware training with rank-decaying wrappers (QVGen), or of SVDQuant
+layers with their kept branch, in one call."""
 from __future__ import annotations
 
 import copy
@@ -18,25 +19,28 @@ from .patch import Plan, Skipped, Transaction, architecture_fingerprint, plan_la
 from .pipelines import adapter_for
 from .qat.data import record_calls, relabel
 from .qat.model import unwrap, wrap
-from .qat.schedule import RankSchedule
+from .qat.schedule import DECAY_FRACTION, RankSchedule
 from .qat.trainer import TrainLog, TrainOptions, train
 
 
 def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_every: int | None = None,
-              decay_start: int = 0, decay_fraction: float = 0.75, **options) -> TrainLog:
+              decay_start: int = 0, decay_fraction: float | None = None, **options) -> TrainLog:
     """Quantization-aware training of `obj` (an nn.Module or a diffusers pipeline, whose denoiser
-    is trained) in place; afterwards its Linear layers are plain quantized layers (vqz.save,
-    vqz.summary and the kernels take them as they take vqz.quantize's). Returns the loss log.
+    is trained) in place; afterwards its Linear layers are quantized layers as vqz.quantize makes
+    them (vqz.save, vqz.summary and the kernels take them): plain ones, or SVDQuant's with the
+    trained branch when the config keeps it. Returns the loss log.
 
     config: a QAT preset (`vqz.config.qat_presets()`) or a QuantConfig with learnable specs; its
-    `rank` is the auxiliary branch's starting rank. data: what the full-precision model is run on
-    to record its inputs and outputs (prompts for a pipeline, batches of model inputs, or a
-    forward-loop callable, as `calib=` of vqz.quantize). teacher: a full-precision model of the
-    same architecture whose outputs are the targets (default: `obj` itself before training).
-    decay_every/decay_start: the rank schedule (steps per halving, first step of the decay);
-    default: the phases spread over the first `decay_fraction` of the steps. `options`: the fields
-    of TrainOptions (lr, accumulate, records_per_step, lr_schedule, mixed_precision, out, resume,
-    spike_threshold, refresh_every, ...). refresh_every re-runs `data` (prompts or a forward loop)
+    `rank` is the auxiliary branch's starting rank, or with `keep_branch` (w4a4-svd-qat) the rank
+    of SVDQuant's 16-bit branch, trained and kept (no rank schedule: the decay arguments are then
+    refused). data: what the full-precision model is run on to record its inputs and outputs
+    (prompts for a pipeline, batches of model inputs, or a forward-loop callable, as `calib=` of
+    vqz.quantize). teacher: a full-precision model of the same architecture whose outputs are the
+    targets (default: `obj` itself before training). decay_every/decay_start: the rank schedule
+    (steps per halving, first step of the decay); default: the phases spread over the first
+    `decay_fraction` (default 0.75) of the steps. `options`: the fields of TrainOptions (lr,
+    accumulate, records_per_step, lr_schedule, mixed_precision, out, resume, spike_threshold,
+    refresh_every, ...). refresh_every re-runs `data` (prompts or a forward loop)
     on the student and relabels its calls by the teacher; without `teacher`, a full-precision copy
     of `obj`'s denoiser is kept for that (twice its memory).
     If training fails, `obj` is left as it was.
@@ -46,8 +50,7 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
     _check_config(cfg)
     if getattr(target, STATE_ATTR, None) is not None:
         raise ValueError("this model is already quantized; train a fresh full-precision model")
-    schedule = RankSchedule(cfg.rank, decay_every, decay_start) if decay_every is not None \
-        else RankSchedule.fitted(cfg.rank, steps, decay_fraction)
+    schedule = _schedule(cfg, steps, decay_every, decay_start, decay_fraction)
     opts = TrainOptions(steps=steps, schedule=schedule, **options)
     fingerprint = architecture_fingerprint(target)
     teacher_model = None if teacher is None else _same_architecture(resolve_target(teacher), target,
@@ -73,8 +76,11 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
         if teacher_model is not None:
             relabel(records, teacher_model)
         edges = _edges(records, cfg)
-        smooth = _smoothing(target, [p for p in plan.layers if p.smooth], records, cfg.alpha)
-        wrap(target, plan, edges, smooth, tx)
+        svd = _svd(target, plan, records, cfg)
+        smooth = {name: r.smooth for name, r in svd.items() if r.smooth is not None}
+        kept = {name: r.lowrank for name, r in svd.items()
+                if cfg.keep_branch and r.lowrank is not None}
+        wrap(target, plan, edges, smooth, kept, tx)
         log = train(target, records, opts, identity,
                     _refresher(target, loop, refresh_teacher) if opts.refresh_every else None)
         unwrap(target, tx)
@@ -85,7 +91,8 @@ def train_qat(obj, config="w4a4-qat", *, data, steps: int, teacher=None, decay_e
     finally:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
-    setattr(target, STATE_ATTR, QuantState(_exported_config(cfg), _exported_plan(plan), fingerprint,
+    setattr(target, STATE_ATTR, QuantState(_exported_config(cfg),
+                                           _exported_plan(plan, cfg.keep_branch), fingerprint,
                                            type(target).__name__))
     guard_dtype(target)
     return log
@@ -100,6 +107,18 @@ def _refresher(student, loop, teacher):
         relabel(records, teacher)
         return records
     return refresh
+
+
+def _schedule(cfg: QuantConfig, steps: int, every, start: int, fraction) -> RankSchedule:
+    if cfg.keep_branch:
+        if every is not None or start or fraction is not None:
+            raise ValueError(f"config {cfg.name!r} keeps its low-rank branch (keep_branch=True), so "
+                             f"it has no rank schedule; drop decay_every, decay_start and "
+                             f"decay_fraction")
+        return RankSchedule(0, 1)  # no decaying branch
+    if every is not None:
+        return RankSchedule(cfg.rank, every, start)
+    return RankSchedule.fitted(cfg.rank, steps, DECAY_FRACTION if fraction is None else fraction)
 
 
 def _check_config(cfg: QuantConfig) -> None:
@@ -135,27 +154,30 @@ def _linear_plan(target, cfg: QuantConfig) -> Plan:
     return plan
 
 
-def _smoothing(target, layers: list, records, alpha, calls: int = 64) -> dict:
-    """λ per layer plan of `layers` as SVDQuant chooses it (α searched with the starting branch in
-    the loop), from the layers' inputs over the first `calls` recorded denoiser calls."""
-    if not layers:
-        return {}
-    device = device_of(target)
+@torch.no_grad()
+def _svd(target, plan: Plan, records, cfg: QuantConfig, calls: int = 64) -> dict:
+    """{name: svd_quantize's result} for the layers that smooth (λ as SVDQuant chooses it, α
+    searched with the starting branch in the loop, from the layers' inputs over the first `calls`
+    recorded denoiser calls) or, with `cfg.keep_branch`, have a branch (its starting factors)."""
+    layers = [p for p in plan.layers if p.smooth or (cfg.keep_branch and p.rank)]
+    smoothed = [p.name for p in layers if p.smooth]
+    stats = {}
+    if smoothed:
+        device = device_of(target)
 
-    def loop():
-        for r in records[:calls]:
-            target(*to_device(r.args, device), **to_device(r.kwargs, device))
+        def loop():
+            for r in records[:calls]:
+                target(*to_device(r.args, device), **to_device(r.kwargs, device))
 
-    with torch.no_grad():
-        stats = collect_input_stats(target, [p.name for p in layers], loop)
-    smooth = {}
+        stats = collect_input_stats(target, smoothed, loop)
+    results = {}
     for p in layers:
-        weight = target.get_submodule(p.name).weight
-        result = svd_quantize(weight, rank=p.rank, weight_spec=p.weight, act_spec=p.act,
-                              x_absmax=stats[p.name].absmax, x_sample=stats[p.name].sample,
-                              alpha=alpha)
-        smooth[p.name] = result.smooth
-    return smooth
+        s = stats.get(p.name)
+        results[p.name] = svd_quantize(
+            target.get_submodule(p.name).weight, rank=p.rank, weight_spec=p.weight, act_spec=p.act,
+            x_absmax=None if s is None else s.absmax, x_sample=None if s is None else s.sample,
+            alpha=cfg.alpha, iters=cfg.svd_iters)
+    return results
 
 
 def _edges(records, cfg: QuantConfig):
@@ -170,10 +192,11 @@ def _edges(records, cfg: QuantConfig):
 
 
 def _exported_config(cfg: QuantConfig) -> QuantConfig:
-    return replace(cfg, weight=replace(cfg.weight, learnable=False), rank=0)
+    return replace(cfg, weight=replace(cfg.weight, learnable=False),
+                   rank=cfg.rank if cfg.keep_branch else 0)
 
 
-def _exported_plan(plan: Plan) -> Plan:
-    return Plan([replace(p, weight=replace(p.weight, learnable=False), rank=0) for p in plan.layers],
-                plan.skipped)
+def _exported_plan(plan: Plan, keep_branch: bool) -> Plan:
+    return Plan([replace(p, weight=replace(p.weight, learnable=False),
+                         rank=p.rank if keep_branch else 0) for p in plan.layers], plan.skipped)
 

@@ -59,26 +59,20 @@ class QuantLinear(QuantModule):
         `round_weight`: R [N, K] float32 -> its codes and scales laid out as
         `Quantizer(weight_spec).quantize(R)` returns them (GPTQ, say); default round-to-nearest.
         A callable rather than the codes themselves, since R depends on how L1 L2 is stored."""
+        if weight_spec is None and (smooth is not None or lowrank is not None):
+            raise ValueError("smoothing and a low-rank branch need a weight spec")
         w = linear.weight.detach()
         rank = 0 if lowrank is None else lowrank[0].shape[1]
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     weight_spec=weight_spec, act_spec=act_spec, rank=rank, smooth=smooth is not None,
                     act_buckets=act_buckets, rotate=rotate, device=w.device, dtype=w.dtype)
-        residual = w.float()
+        residual, branch = split_weight(w, smooth, lowrank, rotate)
         if smooth is not None:
             layer.smooth.copy_(smooth)
-            residual = residual * smooth.float()
-        if rotate:
-            residual = hadamard_rotate(residual)
-        if lowrank is not None:
-            l1, l2 = lowrank
-            layer.lora_down.data.copy_(hadamard_rotate(l1.float().T).T if rotate else l1)
-            layer.lora_up.data.copy_(l2)
-            # Subtract the branch as stored (in the layer's dtype), so Q(R) corrects its rounding.
-            residual = residual - (layer.lora_down.float() @ layer.lora_up.float()).T
+        if branch is not None:
+            layer.lora_down.data.copy_(branch[0])
+            layer.lora_up.data.copy_(branch[1])
         if weight_spec is None:
-            if smooth is not None or lowrank is not None:
-                raise ValueError("smoothing and a low-rank branch need a weight spec")
             layer.weight.data.copy_(w)
         elif round_weight is not None:
             layer.qweight = QuantWeight.from_quantized(round_weight(residual), weight_spec)
@@ -123,3 +117,25 @@ class QuantLinear(QuantModule):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, rank={self.rank}, smooth={self.smooth is not None}"
                 + (", rotate=True" if self.rotate else ""))
+
+
+def split_weight(w: torch.Tensor, smooth: torch.Tensor | None,
+                 lowrank: tuple[torch.Tensor, torch.Tensor] | None, rotate: bool):
+    """What a layer with smoothing λ, branch `lowrank` = (L1 [K, r], L2 [r, N], approximating
+    (W diag(λ))ᵀ) and the rotation H holds of the weight `w` [N, K]: the residual
+    R = W diag(λ) H - (H L1 L2)ᵀ [N, K] (float32; H = I without `rotate`) and the branch as stored,
+    (H L1, L2) in w's dtype (None without `lowrank`). R subtracts the stored branch, so its
+    rounding lands in R, which is what gets quantized."""
+    residual = w.float()
+    if smooth is not None:
+        residual = residual * smooth.float()
+    if rotate:
+        residual = hadamard_rotate(residual)
+    if lowrank is None:
+        return residual, None
+    l1, l2 = lowrank
+    # fresh row-major copies: BLAS may round a product of column-major factors differently
+    stored = {"dtype": w.dtype, "copy": True, "memory_format": torch.contiguous_format}
+    down = (hadamard_rotate(l1.float().T).T if rotate else l1).to(**stored)
+    up = l2.to(**stored)
+    return residual - (down.float() @ up.float()).T, (down, up)

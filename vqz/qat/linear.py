@@ -1,6 +1,7 @@
 """QATLinear: y = Qa(x̂) (Q(W') + L diag(fade) R)ᵀ + b, the QVGen training wrapper of a Linear layer,
 with x̂ = x / λ and W' = W diag(λ) (λ: optional SVDQuant-style smoothing, fixed during training),
-both times the block Hadamard matrix H when the layer rotates."""
+both times the block Hadamard matrix H when the layer rotates. With a kept branch it is SVDQuant's
+layer instead, trained: y = Qa(x̂) Q(W' - (L R)ᵀ)ᵀ + x̂ L R + b."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantSpec
-from ..nn.linear import QuantLinear
-from ..nn.rotation import hadamard_rotate, quantizer_input
+from ..nn.linear import QuantLinear, split_weight
+from ..nn.rotation import quantizer_input
 from ..nn.timestep import make_act_quantizer
 from ..nn.weight import QuantWeight
 from ..quantizer import Quantizer
@@ -25,35 +26,45 @@ class QATLinear(nn.Module):
     observer). `smooth` [K] (buffer, float32, or None): the per-input-channel divisor λ of the
     input. `act_quantizer`: the input's quantizer (a learnable dynamic spec learns clip ratios, per
     timestep range with `act_buckets` > 1). `lora_down` [K, r], `lora_up` [r, N]: the auxiliary
-    branch on the quantized input, initialised from the SVD of (W' - Q(W'))ᵀ; `fade` [r] (buffer) multiplies its directions (1 kept, u fading,
-    0 gone) and `phase` (buffer) is the decay phase the factors were last re-factorised for.
+    branch on the quantized input, initialised from the SVD of (W' - Q(W'))ᵀ; `fade` [r] (buffer)
+    multiplies its directions (1 kept, u fading, 0 gone) and `phase` (buffer) is the decay phase
+    the factors were last re-factorised for.
+
+    `lowrank` = (L1 [K, r], L2 [r, N]), the top-r SVD factors of W'ᵀ (before rotation) as
+    svd_quantize gives them, keeps the branch instead (`keep_branch`; r must equal `rank`): it
+    starts as (H L1, L2), acts on x̂ itself (16-bit, not quantized), `weight` is the residual
+    W' - (H L1 L2)ᵀ with the weight quantizer fitted on it, the rank schedule leaves it alone (fade
+    stays 1) and export keeps it. Untrained, the layer then computes what
+    `QuantLinear.from_float(linear, ..., smooth=λ, lowrank=(L1, L2))` does.
     """
 
     def __init__(self, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None,
                  rank: int, act_buckets: int = 0, smooth: torch.Tensor | None = None,
-                 rotate: bool = False):
+                 rotate: bool = False, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if not weight_spec.learnable or (act_spec is not None and not act_spec.learnable):
             raise ValueError("QAT needs learnable weight and activation specs (learnable=True)")
-        w = linear.weight.detach()
-        if smooth is not None:
-            w = (w.float() * smooth.float()).to(w.dtype)
-        if rotate:
-            w = hadamard_rotate(w)
-        n, k = w.shape
+        n, k = linear.weight.shape
         if not 0 <= rank <= min(n, k):
             raise ValueError(f"rank {rank} does not fit a {n}x{k} weight")
+        if lowrank is not None and lowrank[0].shape[1] != rank:
+            raise ValueError(f"the kept branch has rank {lowrank[0].shape[1]}, the layer rank {rank}; "
+                             f"pass lowrank factors of rank {rank}")
+        dtype = linear.weight.dtype
+        residual, branch = split_weight(linear.weight.detach(), smooth, lowrank, rotate)
         self.in_features, self.out_features, self.rotate = k, n, rotate
-        self.weight = nn.Parameter(w.clone())
+        self.keep_branch = lowrank is not None
+        self.weight = nn.Parameter(residual.to(dtype, copy=True))  # never the original's storage
+        w = self.weight.detach().float()
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        self.weight_quantizer = Quantizer(weight_spec).fit(w.float())
+        self.weight_quantizer = Quantizer(weight_spec).fit(w)
         self.act_quantizer = None if act_spec is None else make_act_quantizer(act_spec, act_buckets)
         self.act_buckets = act_buckets
-        u, s, vh = torch.linalg.svd((w.float() - self.weight_quantizer(w.float())).T,
-                                    full_matrices=False)
-        root = s[:rank].sqrt()
-        self.lora_down = nn.Parameter((u[:, :rank] * root).to(w.dtype))
-        self.lora_up = nn.Parameter((root[:, None] * vh[:rank]).to(w.dtype))
+        if branch is None:
+            u, s, vh = torch.linalg.svd((w - self.weight_quantizer(w)).T, full_matrices=False)
+            root = s[:rank].sqrt()
+            branch = ((u[:, :rank] * root).to(dtype), (root[:, None] * vh[:rank]).to(dtype))
+        self.lora_down, self.lora_up = nn.Parameter(branch[0]), nn.Parameter(branch[1])
         self.register_buffer("smooth", None if smooth is None else smooth.float().to(w.device))
         self.register_buffer("fade", torch.ones(rank, device=w.device))
         self.register_buffer("phase", torch.tensor(-1, device=w.device))
@@ -72,7 +83,9 @@ class QATLinear(nn.Module):
         w = self.weight_quantizer(self.weight)
         y = F.linear(xq, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.live:
-            y = y + ((xq @ self.lora_down.to(x.dtype)) * self.fade.to(x.dtype)) @ self.lora_up.to(x.dtype)
+            branch_in = x if self.keep_branch else xq
+            y = y + ((branch_in @ self.lora_down.to(x.dtype)) * self.fade.to(x.dtype)) \
+                @ self.lora_up.to(x.dtype)
         return y
 
     @torch.no_grad()
@@ -96,8 +109,9 @@ class QATLinear(nn.Module):
         self.live = kept + fading > 0
 
     def to_quant_linear(self) -> QuantLinear:
-        """The plain quantized layer (learned scales frozen, no branch); the branch must be gone."""
-        if self.rank and self.fade.any():
+        """The quantized layer (learned scales frozen): with a kept branch, SVDQuant's layer with
+        the trained branch; else a plain one, and the decaying branch must be gone."""
+        if not self.keep_branch and self.rank and self.fade.any():
             raise ValueError(f"the low-rank branch still has rank {int((self.fade > 0).sum())}; "
                              f"train to the end of the rank schedule before exporting")
         spec = replace(self.weight_quantizer.spec, learnable=False)
@@ -105,10 +119,14 @@ class QATLinear(nn.Module):
         layer = QuantLinear(self.in_features, self.out_features, self.bias is not None,
                             weight_spec=spec, act_spec=None if self.act_quantizer is None else
                             self.act_quantizer.spec, act_buckets=self.act_buckets,
+                            rank=self.rank if self.keep_branch else 0,
                             smooth=self.smooth is not None, rotate=self.rotate, device=w.device,
                             dtype=w.dtype)
         if self.smooth is not None:
             layer.smooth.copy_(self.smooth)
+        if layer.rank:
+            layer.lora_down.data.copy_(self.lora_down.detach())
+            layer.lora_up.data.copy_(self.lora_up.detach())
         layer.qweight = QuantWeight.from_quantized(self.weight_quantizer.quantize(w.float()), spec)
         if self.act_quantizer is not None:
             layer.act_quantizer.load_state_dict(self.act_quantizer.state_dict())
@@ -119,4 +137,4 @@ class QATLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, bias={self.bias is not None}")
+                f"rank={self.rank}{', kept' if self.keep_branch else ''}, bias={self.bias is not None}")

@@ -12,15 +12,18 @@ from .linear import QATLinear
 from .schedule import RankSchedule
 
 
-def wrap(target: nn.Module, plan: Plan, edges, smooth: dict, tx: Transaction) -> dict[str, QATLinear]:
+def wrap(target: nn.Module, plan: Plan, edges, smooth: dict, lowrank: dict,
+         tx: Transaction) -> dict[str, QATLinear]:
     """Replace every Linear layer of `plan` by a QATLinear, smoothed by `smooth` {name: λ [K]}
-    where given. Timestep ranges (`edges`, see bucket_edges) are needed when the plan's layers
-    have act buckets."""
+    where given, keeping the branch `lowrank` {name: (L1, L2)} where given (else its branch decays).
+    Timestep ranges (`edges`, see bucket_edges) are needed when the plan's layers have act
+    buckets."""
     paths = module_paths(target)
     layers = {}
     for p in plan.layers:
         original = target.get_submodule(p.name)
-        new = QATLinear(original, p.weight, p.act, p.rank, p.buckets, smooth.get(p.name), p.rotate)
+        new = QATLinear(original, p.weight, p.act, p.rank, p.buckets, smooth.get(p.name), p.rotate,
+                        lowrank.get(p.name))
         for path in paths[id(original)]:
             tx.swap(path, new)
         layers[p.name] = new
@@ -37,13 +40,14 @@ def qat_layers(model: nn.Module) -> dict[str, QATLinear]:
 
 
 def apply_schedule(layers: list[QATLinear], schedule: RankSchedule, step: int) -> bool:
-    """Set each wrapper's branch for `step`: re-factorised by SVD when a new decay phase began
-    since it was last set (so resuming at any step works), faded as the schedule says. Returns
-    whether the factors changed (their optimizer moments then no longer apply)."""
+    """Set each wrapper's decaying branch for `step`: re-factorised by SVD when a new decay phase
+    began since it was last set (so resuming at any step works), faded as the schedule says. Kept
+    branches are left alone. Returns whether the factors changed (their optimizer moments then no
+    longer apply)."""
     kept, fading, u = schedule.state(step)
     phase = schedule.phase(step)
     key = -1 if step < schedule.start else (schedule.phases if phase is None else phase)
-    branched = [layer for layer in layers if layer.rank]
+    branched = [layer for layer in layers if layer.rank and not layer.keep_branch]
     # the layers go through the phases together: one read of the phase (a device sync) per step
     changed = bool(branched) and int(branched[0].phase) != key
     for layer in branched:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+DECAY_FRACTION = 0.75  # share of the training steps the decay is spread over, by default
+
 
 def decay_ranks(rank: int) -> list[int]:
     """The ranks after each phase: 32 -> [16, 8, 4, 2, 1, 0]; 24 -> [12, 6, 3, 1, 0]."""
@@ -38,7 +40,7 @@ class RankSchedule:
             raise ValueError(f"decay_start must be >= 0, got {self.start}")
 
     @classmethod
-    def fitted(cls, rank: int, steps: int, decay_fraction: float = 0.75) -> RankSchedule:
+    def fitted(cls, rank: int, steps: int, decay_fraction: float = DECAY_FRACTION) -> RankSchedule:
         """The phases spread evenly over the first `decay_fraction` of `steps`, so the rest trains
         the plain quantized layers."""
         if not 0 < decay_fraction <= 1:

@@ -88,7 +88,8 @@ class TrainOptions:
 
 @dataclass
 class TrainLog:
-    """losses[i]: the mean distillation loss of step start + i over all processes."""
+    """losses[i]: the mean distillation loss of step start + i over all processes; ranks[i]: the
+    decaying branch's rank at that step (0 throughout when the config keeps its branch)."""
 
     start: int
     losses: list

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import W4A16_ROWS
+
 
 @triton.jit
 def _unpack_kernel(p_ptr, mult_ptr, out_ptr, N, K, KH, G, GROUP: tl.constexpr,
@@ -118,13 +120,14 @@ def _words_to_codes(w, dtype: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K, KW, G,
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K, G,
                   stride_xm, K_PER_SPLIT, GROUP: tl.constexpr, SPLITS: tl.constexpr,
                   HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """yᵀ tile [BLOCK_N, BLOCK_M] = sum over this split's groups g of s[n, g] * (codes[n, g] .
-    x[m, g]), the weights as the MMA's first operand. Each loaded word tile is reshaped into the
-    operand in registers (w4a16_words' order makes that a renaming, no data moves). With SPLITS >
+    x[m, g]), the weights as the MMA's first operand. Each program's word tile of a group is
+    contiguous (w4a16_words' layout, BLOCK_N = its rows) and is reshaped into the operand in
+    registers, a renaming: no data moves. With SPLITS >
     1 each program writes its fp32 partial, and the last of a tile's splits to finish (a counter,
     reset after) adds them in split order: deterministic, one launch."""
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -132,11 +135,12 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     bn = rn % N
     rk = tl.arange(0, GROUP)
-    rw = tl.arange(0, GROUP // 8)
+    tile = w_ptr + (pid_n * G * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]) * (GROUP // 8) \
+        + tl.arange(0, GROUP // 8)[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     k_start = split * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), GROUP):
-        w = tl.load(w_ptr + bn[:, None] * KW + k0 // 8 + rw[None, :])
+        w = tl.load(tile + (k0 // GROUP) * BLOCK_N * (GROUP // 8))
         c0, c1, c2, c3, c4, c5, c6, c7 = _words_to_codes(w, x_ptr.dtype.element_ty, ASM)
         a = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)),
                     tl.join(tl.join(c4, c5), tl.join(c6, c7)))  # [BN, words, j0, j1, j2]
@@ -150,23 +154,23 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M
     if SPLITS > 1:
         tl.store(part_ptr + split * M * N + offs, acc, mask=mask)
         tl.debug_barrier()
-        tile = pid_m * tl.num_programs(0) + pid_n
-        last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLITS - 1
+        count = count_ptr + pid_m * tl.num_programs(0) + pid_n
+        last = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLITS - 1
         if last:
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for s in range(0, SPLITS):
                 acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0,
                                cache_modifier=".cg")
-            tl.store(count_ptr + tile, 0)
+            tl.store(count, 0)
         mask = mask & last
     if HAS_BIAS:
         acc += tl.load(bias_ptr + bn).to(tl.float32)[:, None]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Output rows of Wᵀ per program and programs per multiprocessor that split K aims at (H100 sweep,
-# samples/kernel_sweep.py --w4a16).
-W4A16_CONFIG = dict(BLOCK_N=64, WAVES=4, num_warps=4, num_stages=3)
+# Programs per multiprocessor that split K aims at, warps and pipeline depth (H100 sweep,
+# samples/kernel_sweep.py --w4a16); a program's rows are the layout's W4A16_ROWS.
+W4A16_CONFIG = dict(WAVES=4, num_warps=4, num_stages=3)
 _COUNTERS: dict = {}
 
 
@@ -184,19 +188,18 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
 def w4a16_gemm(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, k: int, group: int,
                bias: torch.Tensor | None = None, split_k: int | None = None,
                config: dict | None = None) -> torch.Tensor:
-    """x [M, K] 16-bit, words [N, G * group / 8] int32 (reference.w4a16_words' order), scale [N, G]
-    fp32 -> y [M, N] in x's dtype. K is split over enough programs to fill the GPU (`split_k`
-    forces a number of splits)."""
+    """x [M, K] 16-bit, words in reference.w4a16_words' layout, scale [N, G] fp32 -> y [M, N] in
+    x's dtype. K is split over enough programs to fill the GPU (`split_k` forces a number of
+    splits)."""
     if group % 32:
         raise ValueError(f"the W4A16 kernel needs a group size divisible by 32, got {group}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     cfg = dict(config or W4A16_CONFIG)
-    block_n, waves = cfg.pop("BLOCK_N"), cfg.pop("WAVES")
-    m = x.shape[0]
-    n, kw = words.shape
+    waves = cfg.pop("WAVES")
+    m, n = x.shape[0], scale.shape[0]
     groups = triton.cdiv(k, group)
-    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, 16)
+    tiles = triton.cdiv(n, W4A16_ROWS) * triton.cdiv(m, 16)
     if split_k is None:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
         split_k = max(1, min(groups, waves * sms // tiles))
@@ -208,8 +211,8 @@ def w4a16_gemm(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, k: int
     has_bias = bias is not None
     # the interpreter runs no inline PTX; 32-bit inputs take the portable conversion as well
     asm = os.environ.get("TRITON_INTERPRET", "0") != "1" and x.dtype in (torch.float16, torch.bfloat16)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, 16), split_k)
+    grid = (triton.cdiv(n, W4A16_ROWS), triton.cdiv(m, 16), split_k)
     _w4a16_kernel[grid](x, words, scale, bias if has_bias else scale, y, parts, counters, m, n, k,
-                        kw, scale.shape[1], x.stride(0), k_per_split, GROUP=group, SPLITS=split_k,
-                        HAS_BIAS=has_bias, ASM=asm, BLOCK_M=16, BLOCK_N=block_n, **cfg)
+                        groups, x.stride(0), k_per_split, GROUP=group, SPLITS=split_k,
+                        HAS_BIAS=has_bias, ASM=asm, BLOCK_M=16, BLOCK_N=W4A16_ROWS, **cfg)
     return y

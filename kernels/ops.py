@@ -93,7 +93,7 @@ w4a16_gemm = torch.library.custom_op("vqz::w4a16_gemm", mutates_args=())(_w4a16_
 
 @w4a16_gemm.register_fake
 def _(x, words, scale, k, group, bias):
-    return x.new_empty(x.shape[0], words.shape[0])
+    return x.new_empty(x.shape[0], scale.shape[0])
 
 
 def _triton_functions() -> dict:

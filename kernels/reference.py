@@ -77,40 +77,48 @@ def unpack_int4(packed, multiplier, k, group):
     return (codes * _per_column(multiplier, group, k)).to(torch.int8)
 
 
-# The W4A16 kernel's weight order. Per row and group of G codes (T = G / 32), word c*T + t (c < 4,
-# t < T) holds the codes at k = 32t + 16*j2 + 8*j1 + 2c + j0 of the group, code o = 4*j2 + 2*j1 + j0
-# in nibble _W4A16_SLOTS[o]: one thread of a 16x16 MMA tile takes exactly the codes (2c, 2c+1) and
-# (2c+8, 2c+9) of a row, so each thread's T words are its operand and one 16-byte load (G = 128)
-# brings them, and nibbles i and i+4 land in the two halves of one 32-bit register.
+# The W4A16 kernel's weight layout: [ceil(N / W4A16_ROWS), G, W4A16_ROWS, group / 8] int32 words,
+# each program's tile of rows and one group contiguous (N zero-padded to whole tiles). Per row and
+# group (T = group / 32), word c*T + t (c < 4, t < T) holds the codes at k = 32t + 16*j2 + 8*j1 +
+# 2c + j0 of the group, code o = 4*j2 + 2*j1 + j0 in nibble _W4A16_SLOTS[o]: one thread of a 16x16
+# MMA tile takes exactly the codes (2c, 2c+1) and (2c+8, 2c+9) of a row, so each thread's T words
+# are its operand and one 16-byte load (group 128) brings them, and nibbles i and i+4 land in the
+# two halves of one 32-bit register.
+W4A16_ROWS = 64
 _W4A16_SLOTS = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
 def w4a16_words(packed, k, group):
-    """Packed codes [N, ceil(K/2)] uint8 -> the W4A16 kernel's words [N, G * group / 8] int32,
-    K zero-padded to whole groups."""
+    """Packed codes [N, ceil(K/2)] uint8 -> the W4A16 kernel's words (layout above), K zero-padded
+    to whole groups."""
     if group % 32:
         raise ValueError(f"the W4A16 layout needs a group size divisible by 32, got {group}")
     n = packed.shape[0]
-    groups = -(-k // group)
-    nibbles = F.pad(unpack_codes(packed, 4, k, signed=False), (0, groups * group - k))
-    nibbles = nibbles.view(n, groups, group // 32, 2, 2, 4, 2).permute(0, 1, 5, 2, 3, 4, 6)
+    tiles, groups = -(-n // W4A16_ROWS), -(-k // group)
+    nibbles = unpack_codes(packed, 4, k, signed=False)
+    nibbles = F.pad(nibbles, (0, groups * group - k, 0, tiles * W4A16_ROWS - n))
+    nibbles = nibbles.view(tiles, W4A16_ROWS, groups, group // 32, 2, 2, 4, 2)
+    nibbles = nibbles.permute(0, 2, 1, 6, 3, 4, 5, 7)  # tile, group, row, c, t, j2, j1, j0
     shifts = 4 * torch.tensor(_W4A16_SLOTS, device=packed.device)
-    words = (nibbles.reshape(n, groups, group // 8, 8).long() << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).view(n, -1)
+    words = (nibbles.reshape(tiles, groups, W4A16_ROWS, group // 8, 8).long() << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def w4a16_codes(words, k, group):
+def w4a16_codes(words, n, k, group):
     """Inverse of w4a16_words: signed codes [N, K] int8."""
-    n = words.shape[0]
+    tiles, groups = words.shape[:2]
     shifts = 4 * torch.tensor(_W4A16_SLOTS, device=words.device)
     nibbles = (words.long()[..., None] >> shifts) & 0xF
-    nibbles = nibbles.view(n, -1, 4, group // 32, 2, 2, 2).permute(0, 1, 3, 4, 5, 2, 6)
-    return ((nibbles.reshape(n, -1)[:, :k] ^ 8) - 8).to(torch.int8)
+    nibbles = nibbles.view(tiles, groups, W4A16_ROWS, 4, group // 32, 2, 2, 2)
+    nibbles = nibbles.permute(0, 2, 1, 4, 5, 6, 3, 7)  # tile, row, group, t, j2, j1, c, j0
+    codes = nibbles.reshape(tiles * W4A16_ROWS, groups * group)[:n, :k]
+    return ((codes ^ 8) - 8).to(torch.int8)
 
 
 def w4a16_gemm(x, words, scale, k, group, bias=None):
-    """Reference of kernels.int4_weights.w4a16_gemm, in fp32 (weights in w4a16_words' order)."""
-    w = w4a16_codes(words, k, group).float() * _per_column(scale, group, k)
+    """Reference of kernels.int4_weights.w4a16_gemm, in fp32 (weights in w4a16_words' layout,
+    scale [N, G])."""
+    w = w4a16_codes(words, scale.shape[0], k, group).float() * _per_column(scale, group, k)
     y = x.float() @ w.T
     if bias is not None:
         y = y + bias.float()

@@ -68,8 +68,8 @@ def sweep_gemm():
 
 
 def sweep_w4a16():
-    """W4A16 at M = 1 and 16 on FLUX's weight shapes: weight rows per program, how many programs per
-    multiprocessor split K aims at, warps, pipeline depth."""
+    """W4A16 at M = 1 and 16 on FLUX's weight shapes: how many programs per multiprocessor split K
+    aims at, warps, pipeline depth."""
     from vqz.kernels.bench import _copies
     from vqz.kernels.int4_weights import w4a16_gemm
 
@@ -80,8 +80,8 @@ def sweep_w4a16():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         bf16 = _graph_time_ms([lambda w=layer.w: x @ w.T for layer in layers]) * 1e3
         rows = []
-        for bn, waves, warps, stages in itertools.product((64, 128), (2, 3, 4, 6), (4, 8), (3, 4)):
-            cfg = dict(BLOCK_N=bn, WAVES=waves, num_warps=warps, num_stages=stages)
+        for waves, warps, stages in itertools.product((2, 3, 4, 6), (4, 8), (3, 4)):
+            cfg = dict(WAVES=waves, num_warps=warps, num_stages=stages)
             t = _graph_time_ms([lambda layer=layer: w4a16_gemm(x, layer.w16_words, layer.w16_scale,
                                                                k, 128, config=cfg)
                                 for layer in layers]) * 1e3

@@ -129,27 +129,29 @@ def test_unpack_int4_matches_reference(n, k):
     assert torch.equal(got.cpu(), (codes.int() * mult.cpu().repeat_interleave(64, 1)[:, :k]).to(torch.int8))
 
 
-@pytest.mark.parametrize("k,group", [(K_AWKWARD, 64), (512, 128), (96, 32)])
-def test_w4a16_word_order_is_a_reordering_of_the_packed_codes(k, group):
+@pytest.mark.parametrize("n,k,group", [(6, K_AWKWARD, 64), (70, 512, 128), (64, 96, 32)])
+def test_w4a16_layout_is_a_reordering_of_the_packed_codes(n, k, group):
     g = torch.Generator().manual_seed(5)
-    codes = torch.randint(-8, 8, (6, k), generator=g, dtype=torch.int8)
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
     words = reference.w4a16_words(pack_codes(codes, 4), k, group)
-    assert words.dtype == torch.int32 and words.shape == (6, -(-k // group) * group // 8)
-    assert torch.equal(reference.w4a16_codes(words, k, group), codes)
-    # word c*T + t of a group holds k = 32t + 16*j2 + 8*j1 + 2c + j0 in nibble (0,4,1,5,2,6,3,7)[o]
-    t_count = group // 32
-    for c, t, o in [(0, 0, 0), (1, 0, 1), (3, t_count - 1, 7), (2, t_count - 1, 2)]:
+    rows, groups, t_count = reference.W4A16_ROWS, -(-k // group), group // 32
+    assert words.dtype == torch.int32 and words.shape == (-(-n // rows), groups, rows, group // 8)
+    assert torch.equal(reference.w4a16_codes(words, n, k, group), codes)
+    # row r, group q: word c*T + t holds k = 32t + 16*j2 + 8*j1 + 2c + j0 in nibble (0,4,1,5,2,6,3,7)[o]
+    for r, q, c, t, o in [(0, 0, 0, 0, 0), (1, 0, 1, 0, 1), (n - 1, groups - 1, 3, t_count - 1, 7),
+                          (n - 1, 0, 2, t_count - 1, 2)]:
         j2, j1, j0 = o >> 2, (o >> 1) & 1, o & 1
-        col = 32 * t + 16 * j2 + 8 * j1 + 2 * c + j0
-        nibble = (int(words[0, c * t_count + t]) >> (4 * (0, 4, 1, 5, 2, 6, 3, 7)[o])) & 0xF
-        assert nibble == int(codes[0, col]) & 0xF
+        col = q * group + 32 * t + 16 * j2 + 8 * j1 + 2 * c + j0
+        word = int(words[r // rows, q, r % rows, c * t_count + t])
+        want = int(codes[r, col]) & 0xF if col < k else 0  # K padded with zeros
+        assert (word >> (4 * (0, 4, 1, 5, 2, 6, 3, 7)[o])) & 0xF == want
 
 
 @pytest.mark.parametrize("m", [1, 7, 16, 64])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,group", [(K_AWKWARD, 64), (512, 128)])
 def test_w4a16_gemm_matches_reference(m, dtype, k, group):
-    n = 96
+    n = 96  # not a whole number of the layout's row tiles
     g = torch.Generator().manual_seed(6)
     packed = pack_codes(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8), 4).to(DEVICE)
     words = reference.w4a16_words(packed, k, group)

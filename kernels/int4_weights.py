@@ -127,9 +127,10 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M
     """yᵀ tile [BLOCK_N, BLOCK_M] = sum over this split's groups g of s[n, g] * (codes[n, g] .
     x[m, g]), the weights as the MMA's first operand. Each program's word tile of a group is
     contiguous (w4a16_words' layout, BLOCK_N = its rows) and is reshaped into the operand in
-    registers, a renaming: no data moves. With SPLITS >
-    1 each program writes its fp32 partial, and the last of a tile's splits to finish (a counter,
-    reset after) adds them in split order: deterministic, one launch."""
+    registers, a renaming: no data moves. With SPLITS > 1 each program writes its fp32 partial,
+    and the last of a tile's splits to finish (a counter, reset after) adds them in split order:
+    deterministic, one launch. Rows past N (the layout's padding) read wrapped scales and are not
+    stored."""
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

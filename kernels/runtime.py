@@ -9,7 +9,8 @@ Kinds of layer the kernels run (anything else keeps the pure-torch reference):
   down-projection is one cuBLAS GEMM on the raw input with λ and the rotation folded into its
   factor, its up-projection runs in the GEMM's epilogue.
 - "fp8": FP8 E4M3 weights per channel and activations per token, on torch._scaled_mm.
-- "w4a16": 4-bit grouped weights with full-precision activations, for at most 64 tokens.
+- "w4a16": 4-bit grouped weights with full-precision activations, for at most 64 tokens, on a
+  second copy of the 4-bit codes reordered for the kernel (reference.w4a16_words).
 
 Layouts of 4-bit weights (same codes, same results): "speed" holds int8 code * multiplier in GPU
 memory (8 bits a weight; a plain INT8 GEMM reads it), "memory" keeps only the packed 4-bit codes and

@@ -131,7 +131,8 @@ def test_qat_trains_a_local_pipeline_whose_result_generates(tiny_pipeline_dir, t
                      "--out", str(out))
     assert result.returncode == 1 and "unknown QAT preset 'w4a4'" in result.stderr
     result = run_cli("qat", "--model", str(tiny_pipeline_dir), "--preset", "w4a4-qat", "--steps", "12",
-                     "--prompts", str(prompts), "--inference-steps", "4", "--out", str(out), *cpu)
+                     "--quant-lr", "1e-5", "--prompts", str(prompts), "--inference-steps", "4",
+                     "--out", str(out), *cpu)
     assert result.returncode == 0, result.stderr
     assert len((out / "training" / "train_log.csv").read_text().splitlines()) == 1 + 12
     assert ", rotated" in result.stdout  # w4a4-qat rotates; the summary marks those layers

@@ -17,7 +17,7 @@ from vqz.qat.data import Record, merge_records
 from vqz.qat.model import apply_schedule
 from vqz.qat.schedule import decay_ranks
 from vqz.qat.stability import clip_spikes, reset_moments
-from vqz.qat.trainer import TrainOptions, lr_factor
+from vqz.qat.trainer import TrainOptions, _optimizer, lr_factor
 from vqz.quantizer import Quantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -240,6 +240,18 @@ def test_cosine_learning_rate_after_warm_up():
     for bad in ({"lr_schedule": "linear"}, {"warmup_steps": 12}, {"records_per_step": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainOptions(steps=12, schedule=RankSchedule(0, 1), **bad)
+
+
+def test_quantizers_learn_at_their_own_rate_and_zero_freezes_them():
+    model = nn.Sequential(QATLinear(_linear(), W4, A4, rank=8))
+    for quant_lr, expected in ((None, 1e-4), (0.0, 0.0), (1e-5, 1e-5)):
+        opts = TrainOptions(steps=4, schedule=RankSchedule(0, 1), lr=1e-4, quant_lr=quant_lr)
+        weights, quantizers = _optimizer(model, opts).param_groups
+        assert weights["lr"] == 1e-4 and quantizers["lr"] == expected
+        assert {id(p) for p in quantizers["params"]} == {
+            id(p) for q in (model[0].weight_quantizer, model[0].act_quantizer) for p in q.parameters()}
+    with pytest.raises(ValueError, match="quant_lr must be >= 0"):
+        TrainOptions(steps=4, schedule=RankSchedule(0, 1), quant_lr=-1e-5)
 
 
 # ---- training ---------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ def _qat(args) -> int:
                                  max_prompts=args.prompt_count)
     out = Path(args.out)
     log = vqz.train_qat(pipe, recipe, data=data, steps=args.steps, lr=args.lr,
+                        quant_lr=args.quant_lr,
                         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
                         decay_every=args.decay_every, accumulate=args.accumulate,
                         records_per_step=args.records_per_step, refresh_every=args.refresh_every,
@@ -63,6 +64,8 @@ def add_qat_parser(sub) -> None:
     p.add_argument("--inference-steps", type=int, help="denoising steps per prompt (default: the "
                    "pipeline's)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--quant-lr", type=float, help="learning rate of the learned scales and clip "
+                   "ratios (default: --lr)")
     p.add_argument("--smooth", action=argparse.BooleanOptionalAction, help="SVDQuant smoothing, "
                    "kept at inference (default: the preset's, on for w4a4-svd-qat only)")
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, help="block-Hadamard rotation "

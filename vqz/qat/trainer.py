@@ -28,7 +28,7 @@ LR_SCHEDULES = ("constant", "cosine")
 @dataclass
 class TrainOptions:
     """steps: optimizer steps. lr: of the weights, biases and branch; quant_lr: of the learned
-    scales and clip ratios (default lr). lr_schedule: "constant", or "cosine" (from the learning
+    scales and clip ratios (default lr; 0 freezes them). lr_schedule: "constant", or "cosine" (from the learning
     rates down to 0 at the last step), after `warmup_steps` of linear warm-up. accumulate:
     micro-batches per step and process. records_per_step: recorded calls concatenated into each
     micro-batch (one forward over several timesteps; 1: one call per forward).
@@ -71,6 +71,8 @@ class TrainOptions:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
+        if self.quant_lr is not None and self.quant_lr < 0:
+            raise ValueError(f"quant_lr must be >= 0 (0 freezes the quantizers), got {self.quant_lr}")
         if self.guidance_loss < 0:
             raise ValueError(f"guidance_loss must be >= 0, got {self.guidance_loss}")
         if self.refresh_every < 0:
@@ -216,7 +218,7 @@ def lr_factor(opts: TrainOptions, step: int) -> float:
 def _group_lrs(opts: TrainOptions) -> list[float]:
     """The learning rates of the optimizer's two groups: the weights, biases and branch; the
     quantizers' scales and clip ratios."""
-    return [opts.lr, opts.quant_lr or opts.lr]
+    return [opts.lr, opts.lr if opts.quant_lr is None else opts.quant_lr]
 
 
 def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:

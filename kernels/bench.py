@@ -170,6 +170,20 @@ def bench_w4a16(m, n, k) -> dict:
             "floor_bf16_ms": n * k * 2 / BANDWIDTH * 1e3, "floor_w4_ms": n * k * 0.53 / BANDWIDTH * 1e3}
 
 
+def bench_nvfp4_activations(m, k) -> dict:
+    """NVFP4 fake quantization of a bf16 activation [m, k]: the pure-torch format against the
+    kernel (tensor-scale reduction + one pass); bytes floor: x read twice, x̂ written."""
+    from vqz.formats import NVFP4
+
+    from .nvfp4 import nvfp4_round
+
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(_copies(m * k * 2))]
+    torch_ms = _graph_time_ms([lambda x=x: NVFP4.round(x) for x in xs])
+    kernel_ms = _graph_time_ms([lambda x=x: nvfp4_round(x) for x in xs])
+    return {"torch": torch_ms, "kernel": kernel_ms, "speedup": torch_ms / kernel_ms,
+            "floor_bytes_ms": 6 * m * k / BANDWIDTH * 1e3}
+
+
 BANDWIDTH = 3.0e12  # bytes/s (device-to-device copy, read + write), replaced by the measured value
 INT8_PEAK = 1.0e15  # ops/s of the INT8 GEMM alone on a large square, replaced by the measured value
 
@@ -262,6 +276,13 @@ def run(json_path: str | None = None, quick: bool = False) -> dict:
             result["w4a16"].append(row)
             print(f"W4A16 M={m} {n}x{k}: bf16 {row['bf16'] * 1e3:.1f} us, w4a16 "
                   f"{row['w4a16'] * 1e3:.1f} us ({row['speedup']:.2f}x)", flush=True)
+    result["nvfp4_activations"] = []
+    for _, name, m, _, k in SHAPES[1:3]:  # K = 3072 and 12288
+        row = {"layer": name, "M": m, "K": k, **bench_nvfp4_activations(m, k)}
+        result["nvfp4_activations"].append(row)
+        print(f"NVFP4 activations {m}x{k}: torch {row['torch'] * 1e3:.0f} us, kernel "
+              f"{row['kernel'] * 1e3:.0f} us ({row['speedup']:.1f}x; bytes floor "
+              f"{row['floor_bytes_ms'] * 1e3:.0f} us)", flush=True)
     if json_path:
         _write(json_path, result)
     if not quick:

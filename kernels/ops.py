@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from vqz.formats import NVFP4
+
 from . import reference
 from .dispatch import triton_available
 
@@ -96,9 +98,21 @@ def _(x, words, scale, k, group, bias):
     return x.new_empty(x.shape[0], scale.shape[0])
 
 
+def _nvfp4_round(x: torch.Tensor) -> torch.Tensor:
+    return NVFP4.round(x)
+
+
+nvfp4_round = torch.library.custom_op("vqz::nvfp4_round", mutates_args=())(_nvfp4_round)
+
+
+@nvfp4_round.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 def _triton_functions() -> dict:
     """The CUDA implementation of every op, by name, with the op's argument list."""
-    from . import act_quant, int4_weights
+    from . import act_quant, int4_weights, nvfp4
     from . import int8_gemm as gemm
 
     def act_group(x, smooth, group, levels, bits, rotate):
@@ -121,7 +135,7 @@ def _triton_functions() -> dict:
         return int4_weights.w4a16_gemm(x, words, scale, k, group, bias)
 
     return {"act_quant_group": act_group, "act_quant_token": act_token, "int8_gemm": int8,
-            "unpack_int4": unpack, "w4a16_gemm": w4a16}
+            "unpack_int4": unpack, "w4a16_gemm": w4a16, "nvfp4_round": nvfp4.nvfp4_round}
 
 
 # The same functions without the custom-op dispatch: the references for tensors off CUDA (where
@@ -129,9 +143,11 @@ def _triton_functions() -> dict:
 # costs 10-35 us a call (pytorch/pytorch#177109), about what a small layer's kernels take on Hopper;
 # only torch.compile needs the ops themselves.
 CUSTOM = {"act_quant_group": act_quant_group, "act_quant_token": act_quant_token,
-          "int8_gemm": int8_gemm, "unpack_int4": unpack_int4, "w4a16_gemm": w4a16_gemm}
+          "int8_gemm": int8_gemm, "unpack_int4": unpack_int4, "w4a16_gemm": w4a16_gemm,
+          "nvfp4_round": nvfp4_round}
 PLAIN = {"act_quant_group": _act_quant_group, "act_quant_token": _act_quant_token,
-         "int8_gemm": _int8_gemm, "unpack_int4": _unpack_int4, "w4a16_gemm": _w4a16_gemm}
+         "int8_gemm": _int8_gemm, "unpack_int4": _unpack_int4, "w4a16_gemm": _w4a16_gemm,
+         "nvfp4_round": _nvfp4_round}
 TRITON_ON_CUDA = triton_available() and torch.cuda.is_available()
 DIRECT = _triton_functions() if TRITON_ON_CUDA else {}
 for _name, _launch in DIRECT.items():

@@ -11,6 +11,8 @@ Kinds of layer the kernels run (anything else keeps the pure-torch reference):
 - "fp8": FP8 E4M3 weights per channel and activations per token, on torch._scaled_mm.
 - "w4a16": 4-bit grouped weights with full-precision activations, for at most 64 tokens, on a
   second copy of the 4-bit codes reordered for the kernel (reference.w4a16_words).
+NVFP4 layers run the reference path, with their activations quantized by the NVFP4 kernel on CUDA
+(`block_round`, called by Quantizer.forward).
 
 Layouts of 4-bit weights (same codes, same results): "speed" holds int8 code * multiplier in GPU
 memory (8 bits a weight; a plain INT8 GEMM reads it), "memory" keeps only the packed 4-bit codes and
@@ -230,6 +232,14 @@ def _run_int8(layer, x, bias):
                          getattr(layer, "kernel_colsum", None), xl1,
                          layer.kernel_l2 if layer.rank else None, bias, 0,
                          ops.OUT_DTYPES.index(x.dtype))
+
+
+def block_round(fmt, x: torch.Tensor) -> torch.Tensor:
+    """fmt.round(x) for a block format (the fake quantization of Quantizer.forward): NVFP4 on CUDA
+    runs the Triton kernel, every other case the format's pure-torch round."""
+    if fmt.name == "nvfp4" and x.is_cuda and ops.TRITON_ON_CUDA:
+        return _op("nvfp4_round", x.device)(x)
+    return fmt.round(x)
 
 
 register_linear_kernel(accepts, run)

@@ -6,10 +6,10 @@ with CUDA the same tests run at full sizes, in bfloat16 too (the interpreter has
 import pytest
 import torch
 
-from vqz.formats import pack_codes
+from vqz.formats import NVFP4, pack_codes
 
 triton = pytest.importorskip("triton")
-from vqz.kernels import act_quant, int4_weights, int8_gemm, reference  # noqa: E402
+from vqz.kernels import act_quant, int4_weights, int8_gemm, nvfp4, reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -182,6 +182,45 @@ def test_activation_kernels_split_along_k_give_the_same_codes(mode):
             assert a is None and b is None or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [K_AWKWARD, 256, 24])
+def test_nvfp4_kernel_matches_the_format(m, dtype, k):
+    x = _x(m, k, dtype)
+    x[-1, :16] = 0  # an all-zero block: scale code 0, zero codes
+    codes, scales, tensor_scale = _twice(nvfp4.nvfp4_quantize, x)
+    want = NVFP4.encode(x)
+    assert torch.equal(codes, want.codes) and torch.equal(scales, want.scales)
+    assert torch.equal(tensor_scale, want.tensor_scale)
+    out = _twice(nvfp4.nvfp4_round, x)
+    assert out.dtype == dtype and torch.equal(out, NVFP4.round(x))
+
+
+def test_nvfp4_kernel_rounds_ties_to_even_and_keeps_signed_zeros():
+    """Tensor scale 1 (largest |x| = 448 * 6) and a block of largest |x| 6 (block scale 1): the
+    block's values reach E2M1 unscaled, so the ties are exact."""
+    ties = [6, 5, 3.5, 2.5, 1.75, 1.25, 0.75, 0.25, -0.25, -5, 0, -0.0, 1, -6, 3, 4.5]
+    x = torch.tensor([ties + [2688.0] + [1.0] * 15], device=DEVICE)
+    codes, scales, tensor_scale = nvfp4.nvfp4_quantize(x)
+    assert tensor_scale.item() == 1.0 and scales.tolist() == [[0x38, 0x7E]]  # E4M3 1.0 and 448
+    assert codes[0, :16].tolist() == [7, 6, 6, 4, 4, 2, 2, 0, 8, 14, 0, 8, 2, 15, 5, 6]
+    assert torch.equal(codes, NVFP4.encode(x).codes)
+
+
+@pytest.mark.skipif(not CUDA, reason="the NVFP4 kernel replaces the format's round on CUDA only")
+def test_nvfp4_quantizer_rounds_on_the_kernel(monkeypatch):
+    from vqz.config import QuantSpec
+    from vqz.kernels import ops
+    from vqz.quantizer import Quantizer
+
+    calls = []
+    monkeypatch.setitem(ops.DIRECT, "nvfp4_round", lambda x: calls.append(x.shape) or
+                        nvfp4.nvfp4_round(x))
+    x = _x(333, K_AWKWARD, torch.bfloat16).reshape(9, 37, K_AWKWARD)
+    y = Quantizer(QuantSpec("nvfp4", dynamic=True))(x)
+    assert calls == [x.shape] and torch.equal(y, NVFP4.round(x))
+
+
 def test_eager_launches_take_the_custom_ops_arguments():
     """Eager CUDA layers call these functions with the custom ops' argument lists (kernels/ops.py):
     each gives its op's reference result."""
@@ -202,6 +241,7 @@ def test_eager_launches_take_the_custom_ops_arguments():
     args["unpack_int4"] = (packed, mult, 128, 64)
     scale = (torch.rand(48, 4, generator=g) / 10).to(DEVICE)
     args["w4a16_gemm"] = (x, reference.w4a16_words(packed, 128, 32), scale, 128, 32, None)
+    args["nvfp4_round"] = (x,)
     for name, call in args.items():
         got, want = direct[name](*call), ops.PLAIN[name](*call)
         for kernel_out, reference_out in zip(got if isinstance(got, tuple) else (got,),

@@ -298,8 +298,7 @@ class BlockFormat(Format):
         amax = blocks.abs().amax(-1)
         ts = None
         if self.tensor_scale:
-            t_amax = xf.abs().amax()
-            ts = torch.where(t_amax > 0, t_amax / (E4M3.max_value * self.elem.max_value), 1.0)
+            ts = self.tensor_scale_of(xf.abs().amax())
         if self.scale_format == "e8m0":
             # frexp's exponent of inf is unspecified, so clamp to the largest float first
             _, e = torch.frexp(amax.clamp(max=torch.finfo(torch.float32).max))
@@ -311,6 +310,11 @@ class BlockFormat(Format):
         s = self._scale_values(scales, ts)[..., None]
         codes = self.elem.encode(torch.where(s > 0, blocks / s, 0.0))
         return BlockCodes(codes.flatten(-2)[..., : x.shape[-1]], scales, ts)
+
+    def tensor_scale_of(self, amax: Tensor) -> Tensor:
+        """The per-tensor scale (e4m3 block scales) of a tensor whose largest |x| is `amax`
+        (float32, 0-dim)."""
+        return torch.where(amax > 0, amax / (E4M3.max_value * self.elem.max_value), 1.0)
 
     def decode(self, bc: BlockCodes, dtype: torch.dtype = torch.float32) -> Tensor:
         """BlockCodes -> values [..., K] in `dtype`."""

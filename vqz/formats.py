@@ -305,7 +305,7 @@ class BlockFormat(Format):
             e = torch.where(amax > 0, e - 1 - self._elem_emax, -127).clamp(-127, 127)
             scales = torch.where(amax.isnan(), 255, e + 127).to(torch.uint8)
         else:
-            target = amax / self.elem.max_value
+            target = _divide(amax, self.elem.max_value)
             scales = E4M3.encode(target if ts is None else target / ts)
         s = self._scale_values(scales, ts)[..., None]
         codes = self.elem.encode(torch.where(s > 0, blocks / s, 0.0))
@@ -314,7 +314,7 @@ class BlockFormat(Format):
     def tensor_scale_of(self, amax: Tensor) -> Tensor:
         """The per-tensor scale (e4m3 block scales) of a tensor whose largest |x| is `amax`
         (float32, 0-dim)."""
-        return torch.where(amax > 0, amax / (E4M3.max_value * self.elem.max_value), 1.0)
+        return torch.where(amax > 0, _divide(amax, E4M3.max_value * self.elem.max_value), 1.0)
 
     def decode(self, bc: BlockCodes, dtype: torch.dtype = torch.float32) -> Tensor:
         """BlockCodes -> values [..., K] in `dtype`."""
@@ -333,6 +333,12 @@ class BlockFormat(Format):
             return torch.where(q == 255, math.nan, _pow2(q - 127))
         s = E4M3.decode(scales)
         return s if ts is None else s * ts
+
+
+def _divide(x: Tensor, value: float) -> Tensor:
+    """x / value correctly rounded on every device: CUDA divides by a Python number through its
+    reciprocal, which may differ in the last bit, so the divisor is made a tensor there."""
+    return x / (torch.full((), value, device=x.device) if x.is_cuda else value)
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:

@@ -170,18 +170,39 @@ def bench_w4a16(m, n, k) -> dict:
             "floor_bf16_ms": n * k * 2 / BANDWIDTH * 1e3, "floor_w4_ms": n * k * 0.53 / BANDWIDTH * 1e3}
 
 
-def bench_nvfp4_activations(m, k) -> dict:
-    """NVFP4 fake quantization of a bf16 activation [m, k]: the pure-torch format against the
-    kernel (tensor-scale reduction + one pass); bytes floor: x read twice, x̂ written."""
+def bench_nvfp4(m, n, k) -> dict:
+    """NVFP4 on its kernels against the pure-torch format: the activations' fake quantization (bf16
+    x [m, k]; bytes floor: x read twice, x̂ written), the weight's dequantization ([n, k] to bf16;
+    floor: 0.56 B read, 2 B written a weight), and the whole layer (both, then the 16-bit product)
+    against F.linear in BF16."""
+    from vqz.config import QuantSpec
     from vqz.formats import NVFP4
+    from vqz.nn.weight import QuantWeight
 
-    from .nvfp4 import nvfp4_round
+    from .nvfp4 import nvfp4_decode, nvfp4_round
+    from .ops import _nvfp4_decode
 
-    xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(_copies(m * k * 2))]
-    torch_ms = _graph_time_ms([lambda x=x: NVFP4.round(x) for x in xs])
-    kernel_ms = _graph_time_ms([lambda x=x: nvfp4_round(x) for x in xs])
-    return {"torch": torch_ms, "kernel": kernel_ms, "speedup": torch_ms / kernel_ms,
-            "floor_bytes_ms": 6 * m * k / BANDWIDTH * 1e3}
+    count = _copies(n * k * 2 + m * k * 2)
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(min(count, 4))]
+    qws = [QuantWeight.from_float(w, QuantSpec("nvfp4", observer="minmax")) for w in ws]
+
+    def torch_decode(qw):  # the format's decode, as the op's reference runs it
+        return _nvfp4_decode(qw.codes, qw.scale, qw.tensor_scale, k, 1)
+
+    def decode(qw):
+        return nvfp4_decode(qw.codes, qw.scale, qw.tensor_scale, k, torch.bfloat16)
+
+    pairs = [(xs[i], ws[i % len(ws)], qws[i % len(ws)]) for i in range(count)]
+    out = {"act_torch": _graph_time_ms([lambda x=x: NVFP4.round(x) for x, _, _ in pairs]),
+           "act_kernel": _graph_time_ms([lambda x=x: nvfp4_round(x) for x, _, _ in pairs]),
+           "weight_torch": _graph_time_ms([lambda q=q: torch_decode(q) for _, _, q in pairs]),
+           "weight_kernel": _graph_time_ms([lambda q=q: decode(q) for _, _, q in pairs]),
+           "bf16": _graph_time_ms([lambda x=x, w=w: F.linear(x, w) for x, w, _ in pairs]),
+           "layer": _graph_time_ms([lambda x=x, q=q: F.linear(nvfp4_round(x), decode(q))
+                                    for x, _, q in pairs])}
+    return {**out, "floor_act_ms": 6 * m * k / BANDWIDTH * 1e3,
+            "floor_weight_ms": 2.56 * n * k / BANDWIDTH * 1e3}
 
 
 BANDWIDTH = 3.0e12  # bytes/s (device-to-device copy, read + write), replaced by the measured value
@@ -276,13 +297,16 @@ def run(json_path: str | None = None, quick: bool = False) -> dict:
             result["w4a16"].append(row)
             print(f"W4A16 M={m} {n}x{k}: bf16 {row['bf16'] * 1e3:.1f} us, w4a16 "
                   f"{row['w4a16'] * 1e3:.1f} us ({row['speedup']:.2f}x)", flush=True)
-    result["nvfp4_activations"] = []
-    for _, name, m, _, k in SHAPES[1:3]:  # K = 3072 and 12288
-        row = {"layer": name, "M": m, "K": k, **bench_nvfp4_activations(m, k)}
-        result["nvfp4_activations"].append(row)
-        print(f"NVFP4 activations {m}x{k}: torch {row['torch'] * 1e3:.0f} us, kernel "
-              f"{row['kernel'] * 1e3:.0f} us ({row['speedup']:.1f}x; bytes floor "
-              f"{row['floor_bytes_ms'] * 1e3:.0f} us)", flush=True)
+    result["nvfp4"] = []
+    for _, name, m, n, k in SHAPES[1:3]:  # K = 3072 and 12288
+        row = {"layer": name, "M": m, "N": n, "K": k, **bench_nvfp4(m, n, k)}
+        result["nvfp4"].append(row)
+        print(f"NVFP4 {m}x{n}x{k}: activations torch {row['act_torch'] * 1e3:.0f} us, kernel "
+              f"{row['act_kernel'] * 1e3:.0f} us (floor {row['floor_act_ms'] * 1e3:.0f}); weight "
+              f"torch {row['weight_torch'] * 1e3:.0f} us, kernel {row['weight_kernel'] * 1e3:.0f} us "
+              f"(floor {row['floor_weight_ms'] * 1e3:.0f}); layer {row['layer'] * 1e3:.0f} us "
+              f"against BF16 {row['bf16'] * 1e3:.0f} us ({row['bf16'] / row['layer']:.2f}x)",
+              flush=True)
     if json_path:
         _write(json_path, result)
     if not quick:

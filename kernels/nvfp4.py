@@ -1,5 +1,6 @@
-"""NVFP4 quantization of activations: E2M1 codes in blocks of 16 along K, one E4M3 scale a block,
-one fp32 scale for the whole tensor (vqz.formats' BlockFormat, operation for operation).
+"""NVFP4 on CUDA: quantization of activations and dequantization of stored weights. E2M1 codes in
+blocks of 16 along K, one E4M3 scale a block, one fp32 scale for the whole tensor (vqz.formats'
+BlockFormat, operation for operation).
 
 The tensor scale needs the largest |x| of the whole input, so it comes first (one reduction over x,
 `torch.aminmax`); then every [BLOCK_M, BLOCK_K] tile is independent: one read of x gives its block
@@ -121,3 +122,57 @@ def nvfp4_quantize(x: torch.Tensor, config: dict | None = None):
 def nvfp4_round(x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """NVFP4.round(x): x quantized to NVFP4 and back, in x's dtype."""
     return _launch(x, write_out=True, write_codes=False, config=config)
+
+
+@triton.jit
+def _e2m1_value(code):
+    """E2M1 code (int32, sign in bit 3) -> fp32 value."""
+    mag = code & 7
+    normal = _pow2((mag >> 1) - 1) * (1.0 + (mag & 1).to(tl.float32) * 0.5)
+    value = tl.where(mag < 2, mag.to(tl.float32) * 0.5, normal)
+    return tl.where((code & 8) != 0, -value, value)
+
+
+@triton.jit
+def _e4m3_value(code):
+    """E4M3 code (int32, positive, finite) -> fp32 value."""
+    e = (code >> 3) & 15
+    m = (code & 7).to(tl.float32)
+    return tl.where(e == 0, m * 0.001953125, _pow2(e - 7) * (1.0 + m * 0.125))
+
+
+@triton.jit
+def _decode_kernel(p_ptr, scales_ptr, ts_ptr, out_ptr, N, K, KH, G, BLOCK_N: tl.constexpr,
+                   BLOCK_G: tl.constexpr):
+    """[BLOCK_N rows, BLOCK_G blocks of 16] of a packed weight -> values, stored interleaved
+    (the low nibble is the even column)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rg = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    kh = rg[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    rows = rn[:, None, None]
+    p = tl.load(p_ptr + rows * KH + kh, mask=(rows < N) & (kh < KH), other=0).to(tl.int32)
+    inside = (rn[:, None] < N) & (rg[None, :] < G)
+    s = _e4m3_value(tl.load(scales_ptr + rn[:, None] * G + rg[None, :], mask=inside,
+                            other=0).to(tl.int32)) * tl.load(ts_ptr)
+    values = tl.join(_e2m1_value(p & 15), _e2m1_value(p >> 4)) * s[:, :, None, None]
+    cols = (2 * kh)[:, :, :, None] + tl.arange(0, 2)[None, None, None, :]
+    tl.store(out_ptr + rows[:, :, :, None] * K + cols, values.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, :, :, None] < N) & (cols < K))
+
+
+DECODE_CONFIG = dict(BLOCK_N=4, BLOCK_G=16, num_warps=4)
+
+
+def nvfp4_decode(packed: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor, k: int,
+                 dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """A stored NVFP4 weight (packed codes uint8 [N, ceil(K/2)], block scale codes uint8 [N, G],
+    tensor scale fp32 0-dim) -> values [N, K] in `dtype`: NVFP4.decode, unpacked."""
+    n, kh = packed.shape
+    g = scales.shape[1]
+    out = torch.empty(n, k, device=packed.device, dtype=dtype)
+    cfg = dict(config or DECODE_CONFIG)
+    if n and k:
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(g, cfg["BLOCK_G"]))
+        _decode_kernel[grid](packed, scales, tensor_scale.reshape(1).float(), out, n, k, kh, g,
+                             enable_fp_fusion=False, **cfg)
+    return out

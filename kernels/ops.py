@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from vqz.formats import NVFP4
+from vqz.formats import NVFP4, BlockCodes, unpack_codes
 
 from . import reference
 from .dispatch import triton_available
@@ -110,6 +110,20 @@ def _(x):
     return torch.empty_like(x)
 
 
+def _nvfp4_decode(packed: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor, k: int,
+                  out_dtype: int) -> torch.Tensor:
+    codes = unpack_codes(packed, 4, k, signed=False)
+    return NVFP4.decode(BlockCodes(codes, scales, tensor_scale)).to(OUT_DTYPES[out_dtype])
+
+
+nvfp4_decode = torch.library.custom_op("vqz::nvfp4_decode", mutates_args=())(_nvfp4_decode)
+
+
+@nvfp4_decode.register_fake
+def _(packed, scales, tensor_scale, k, out_dtype):
+    return packed.new_empty(packed.shape[0], k, dtype=OUT_DTYPES[out_dtype])
+
+
 def _triton_functions() -> dict:
     """The CUDA implementation of every op, by name, with the op's argument list."""
     from . import act_quant, int4_weights, nvfp4
@@ -134,8 +148,12 @@ def _triton_functions() -> dict:
     def w4a16(x, words, scale, k, group, bias):
         return int4_weights.w4a16_gemm(x, words, scale, k, group, bias)
 
+    def decode(packed, scales, tensor_scale, k, out_dtype):
+        return nvfp4.nvfp4_decode(packed, scales, tensor_scale, k, OUT_DTYPES[out_dtype])
+
     return {"act_quant_group": act_group, "act_quant_token": act_token, "int8_gemm": int8,
-            "unpack_int4": unpack, "w4a16_gemm": w4a16, "nvfp4_round": nvfp4.nvfp4_round}
+            "unpack_int4": unpack, "w4a16_gemm": w4a16, "nvfp4_round": nvfp4.nvfp4_round,
+            "nvfp4_decode": decode}
 
 
 # The same functions without the custom-op dispatch: the references for tensors off CUDA (where
@@ -144,10 +162,10 @@ def _triton_functions() -> dict:
 # only torch.compile needs the ops themselves.
 CUSTOM = {"act_quant_group": act_quant_group, "act_quant_token": act_quant_token,
           "int8_gemm": int8_gemm, "unpack_int4": unpack_int4, "w4a16_gemm": w4a16_gemm,
-          "nvfp4_round": nvfp4_round}
+          "nvfp4_round": nvfp4_round, "nvfp4_decode": nvfp4_decode}
 PLAIN = {"act_quant_group": _act_quant_group, "act_quant_token": _act_quant_token,
          "int8_gemm": _int8_gemm, "unpack_int4": _unpack_int4, "w4a16_gemm": _w4a16_gemm,
-         "nvfp4_round": _nvfp4_round}
+         "nvfp4_round": _nvfp4_round, "nvfp4_decode": _nvfp4_decode}
 TRITON_ON_CUDA = triton_available() and torch.cuda.is_available()
 DIRECT = _triton_functions() if TRITON_ON_CUDA else {}
 for _name, _launch in DIRECT.items():

@@ -3,10 +3,12 @@
 Without CUDA the kernels run in Triton's interpreter at small sizes (conftest sets TRITON_INTERPRET);
 with CUDA the same tests run at full sizes, in bfloat16 too (the interpreter has no bfloat16).
 """
+import copy
+
 import pytest
 import torch
 
-from vqz.formats import NVFP4, pack_codes
+from vqz.formats import NVFP4, BlockCodes, pack_codes, unpack_codes
 
 triton = pytest.importorskip("triton")
 from vqz.kernels import act_quant, int4_weights, int8_gemm, nvfp4, reference  # noqa: E402
@@ -209,8 +211,27 @@ def test_nvfp4_kernel_rounds_ties_to_even_and_keeps_signed_zeros():
     assert torch.equal(codes, NVFP4.encode(x).codes)
 
 
-@pytest.mark.skipif(not CUDA, reason="the NVFP4 kernel replaces the format's round on CUDA only")
-def test_nvfp4_quantizer_rounds_on_the_kernel(monkeypatch):
+def _nvfp4_weight(n, k):
+    from vqz.config import QuantSpec
+    from vqz.nn.weight import QuantWeight
+
+    w = _x(n, k, torch.float32).cpu()
+    w[0, :16] = 0  # an all-zero block
+    return QuantWeight.from_float(w, QuantSpec("nvfp4", observer="minmax")).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(5, K_AWKWARD), (64, 256), (9, 24)])
+def test_nvfp4_decode_kernel_matches_the_format(n, k, dtype):
+    qw = _nvfp4_weight(n, k)
+    got = _twice(nvfp4.nvfp4_decode, qw.codes, qw.scale, qw.tensor_scale, k, dtype)
+    want = NVFP4.decode(BlockCodes(unpack_codes(qw.codes, 4, k, signed=False), qw.scale,
+                                   qw.tensor_scale), dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.skipif(not CUDA, reason="the NVFP4 kernels run on CUDA only")
+def test_nvfp4_quantizer_and_weights_run_the_kernels(monkeypatch):
     from vqz.config import QuantSpec
     from vqz.kernels import ops
     from vqz.quantizer import Quantizer
@@ -221,6 +242,11 @@ def test_nvfp4_quantizer_rounds_on_the_kernel(monkeypatch):
     x = _x(333, K_AWKWARD, torch.bfloat16).reshape(9, 37, K_AWKWARD)
     y = Quantizer(QuantSpec("nvfp4", dynamic=True))(x)
     assert calls == [x.shape] and torch.equal(y, NVFP4.round(x))
+    monkeypatch.setitem(ops.DIRECT, "nvfp4_decode", lambda *a: calls.append("decode") or
+                        ops._nvfp4_decode(*a))
+    qw = _nvfp4_weight(48, K_AWKWARD)
+    on_cpu = copy.deepcopy(qw).cpu()
+    assert torch.equal(qw(torch.bfloat16), on_cpu(torch.bfloat16).cuda()) and calls[-1] == "decode"
 
 
 def test_eager_launches_take_the_custom_ops_arguments():
@@ -244,6 +270,8 @@ def test_eager_launches_take_the_custom_ops_arguments():
     scale = (torch.rand(48, 4, generator=g) / 10).to(DEVICE)
     args["w4a16_gemm"] = (x, reference.w4a16_words(packed, 128, 32), scale, 128, 32, None)
     args["nvfp4_round"] = (x,)
+    qw = _nvfp4_weight(48, 128)
+    args["nvfp4_decode"] = (qw.codes, qw.scale, qw.tensor_scale, 128, 1)
     for name, call in args.items():
         got, want = direct[name](*call), ops.PLAIN[name](*call)
         for kernel_out, reference_out in zip(got if isinstance(got, tuple) else (got,),

@@ -112,9 +112,11 @@ def test_unknown_layout_is_refused(mlp):
         runtime.prepare(layer, "fast")
 
 
+@pytest.mark.parametrize("config", [CONFIGS["w4a4-svd two-level"], get_preset("nvfp4-svd")],
+                         ids=["w4a4-svd two-level", "nvfp4-svd"])
 @torch.no_grad()
-def test_compile_fullgraph_traces_quantized_model(mlp):
-    model = _quantized(mlp, CONFIGS["w4a4-svd two-level"])
+def test_compile_fullgraph_traces_quantized_model(mlp, config):
+    model = _quantized(mlp, config)
     x = torch.randn(4, 128, device=DEVICE)
     prepare_model(model)
     eager = model(x)

@@ -65,8 +65,8 @@ def _e2m1(y):
 
 @triton.jit
 def _nvfp4_kernel(x_ptr, ts_ptr, out_ptr, codes_ptr, scales_ptr, M, K, G,
-                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_OUT: tl.constexpr,
-                  WRITE_CODES: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, VALUES: tl.constexpr):
+    """VALUES: write the dequantized values to out; else the codes and block scale codes."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     inside = (rm[:, None] < M) & (rk[None, :] < K)
@@ -77,11 +77,11 @@ def _nvfp4_kernel(x_ptr, ts_ptr, out_ptr, codes_ptr, scales_ptr, M, K, G,
     scale, scale_code = _e4m3(tl.math.div_rn(tl.math.div_rn(amax, E2M1_MAX), ts))
     s = (scale * ts)[:, :, None]
     value, code = _e2m1(tl.where(s > 0, tl.math.div_rn(blocks, tl.where(s > 0, s, 1.0)), 0.0))
-    if WRITE_OUT:
+    if VALUES:
         out = tl.reshape(value * s, [BLOCK_M, BLOCK_K])
         tl.store(out_ptr + rm[:, None] * K + rk[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=inside)
-    if WRITE_CODES:
+    else:
         tl.store(codes_ptr + rm[:, None] * K + rk[None, :],
                  tl.reshape(code, [BLOCK_M, BLOCK_K]).to(tl.uint8), mask=inside)
         rg = tl.program_id(1) * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
@@ -92,7 +92,7 @@ def _nvfp4_kernel(x_ptr, ts_ptr, out_ptr, codes_ptr, scales_ptr, M, K, G,
 NVFP4_CONFIG = dict(BLOCK_M=16, BLOCK_K=128, num_warps=4)
 
 
-def _launch(x: torch.Tensor, write_out: bool, write_codes: bool, config: dict | None = None):
+def _launch(x: torch.Tensor, values: bool, config: dict | None = None):
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
@@ -100,15 +100,15 @@ def _launch(x: torch.Tensor, write_out: bool, write_codes: bool, config: dict | 
     g = triton.cdiv(k, BLOCK)
     lo, hi = torch.aminmax(x2) if x2.numel() else (x2.new_zeros(()), x2.new_zeros(()))
     ts = NVFP4.tensor_scale_of(torch.maximum(hi, -lo).float())
-    out = torch.empty_like(x2) if write_out else x2
-    codes = torch.empty(m, k, device=x.device, dtype=torch.uint8) if write_codes else x2
-    scales = torch.empty(m, g, device=x.device, dtype=torch.uint8) if write_codes else x2
+    out = torch.empty_like(x2) if values else x2
+    codes = x2 if values else torch.empty(m, k, device=x.device, dtype=torch.uint8)
+    scales = x2 if values else torch.empty(m, g, device=x.device, dtype=torch.uint8)
     cfg = dict(config or NVFP4_CONFIG)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_K"]))
     if m and k:
-        _nvfp4_kernel[grid](x2, ts.reshape(1), out, codes, scales, m, k, g, WRITE_OUT=write_out,
-                            WRITE_CODES=write_codes, enable_fp_fusion=False, **cfg)
-    if write_out:
+        _nvfp4_kernel[grid](x2, ts.reshape(1), out, codes, scales, m, k, g, VALUES=values,
+                            enable_fp_fusion=False, **cfg)
+    if values:
         return out.reshape(x.shape)
     return codes.reshape(x.shape), scales.reshape(*x.shape[:-1], g), ts
 
@@ -116,12 +116,12 @@ def _launch(x: torch.Tensor, write_out: bool, write_codes: bool, config: dict | 
 def nvfp4_quantize(x: torch.Tensor, config: dict | None = None):
     """x [..., K] 16- or 32-bit -> (codes uint8 [..., K], block scale codes uint8 [..., ceil(K/16)],
     tensor scale fp32 0-dim): NVFP4.encode(x)."""
-    return _launch(x, write_out=False, write_codes=True, config=config)
+    return _launch(x, values=False, config=config)
 
 
 def nvfp4_round(x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """NVFP4.round(x): x quantized to NVFP4 and back, in x's dtype."""
-    return _launch(x, write_out=True, write_codes=False, config=config)
+    return _launch(x, values=True, config=config)
 
 
 @triton.jit

@@ -28,10 +28,10 @@ LR_SCHEDULES = ("constant", "cosine")
 @dataclass
 class TrainOptions:
     """steps: optimizer steps. lr: of the weights, biases and branch; quant_lr: of the learned
-    scales and clip ratios (default lr; 0 freezes them). lr_schedule: "constant", or "cosine" (from the learning
-    rates down to 0 at the last step), after `warmup_steps` of linear warm-up. accumulate:
-    micro-batches per step and process. records_per_step: recorded calls concatenated into each
-    micro-batch (one forward over several timesteps; 1: one call per forward).
+    scales and clip ratios (default lr; 0 freezes them). lr_schedule: "constant", or "cosine"
+    (from the learning rates down to 0 at the last step), after `warmup_steps` of linear warm-up.
+    accumulate: micro-batches per step and process. records_per_step: recorded calls concatenated
+    into each micro-batch (one forward over several timesteps; 1: one call per forward).
     mixed_precision: "bf16", "fp16" or "no" (default bf16 on CUDA, else no). out: folder for
     checkpoints and the loss log. checkpoint_every: steps between checkpoints (0: at the end only,
     when `out` is set). resume: a checkpoint folder to continue from. spike_threshold: SPAM's θ

@@ -180,7 +180,7 @@ def bench_nvfp4(m, n, k) -> dict:
     from vqz.nn.weight import QuantWeight
 
     from .nvfp4 import nvfp4_decode, nvfp4_round
-    from .ops import _nvfp4_decode
+    from .ops import OUT_DTYPES, _nvfp4_decode
 
     count = _copies(n * k * 2 + m * k * 2)
     xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
@@ -188,7 +188,8 @@ def bench_nvfp4(m, n, k) -> dict:
     qws = [QuantWeight.from_float(w, QuantSpec("nvfp4", observer="minmax")) for w in ws]
 
     def torch_decode(qw):  # the format's decode, as the op's reference runs it
-        return _nvfp4_decode(qw.codes, qw.scale, qw.tensor_scale, k, 1)
+        return _nvfp4_decode(qw.codes, qw.scale, qw.tensor_scale, k,
+                             OUT_DTYPES.index(torch.bfloat16))
 
     def decode(qw):
         return nvfp4_decode(qw.codes, qw.scale, qw.tensor_scale, k, torch.bfloat16)

@@ -13,7 +13,7 @@ Kinds of layer the kernels run (anything else keeps the pure-torch reference):
   second copy of the 4-bit codes reordered for the kernel (reference.w4a16_words).
 NVFP4 layers run the reference path's 16-bit product, with their activations quantized by the NVFP4
 kernel on CUDA (`block_round`, called by Quantizer.forward) and their weights dequantized by its
-decode kernel (`nvfp4_weight`, called by QuantWeight.forward).
+decode kernel (`kernel_weight_values`, called by QuantWeight.forward).
 
 Layouts of 4-bit weights (same codes, same results): "speed" holds int8 code * multiplier in GPU
 memory (8 bits a weight; a plain INT8 GEMM reads it), "memory" keeps only the packed 4-bit codes and
@@ -243,10 +243,11 @@ def block_round(fmt, x: torch.Tensor) -> torch.Tensor:
     return fmt.round(x)
 
 
-def nvfp4_weight(qweight, dtype: torch.dtype) -> torch.Tensor | None:
-    """A stored NVFP4 weight's values [N, K] from the decode kernel (CUDA, 16/32-bit `dtype`), or
-    None where the reference dequantizes."""
-    if not (qweight.codes.is_cuda and ops.TRITON_ON_CUDA and dtype in ops.OUT_DTYPES):
+def kernel_weight_values(qweight, dtype: torch.dtype) -> torch.Tensor | None:
+    """A stored weight's values [N, K] in `dtype` from a kernel (NVFP4 on CUDA, 16/32-bit
+    `dtype`), or None where the reference dequantizes."""
+    if not (qweight.spec.fmt.name == "nvfp4" and qweight.codes.is_cuda and ops.TRITON_ON_CUDA
+            and dtype in ops.OUT_DTYPES):
         return None
     return _op("nvfp4_decode", qweight.codes.device)(qweight.codes, qweight.scale,
                                                     qweight.tensor_scale, qweight.k,

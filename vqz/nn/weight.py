@@ -60,12 +60,11 @@ class QuantWeight(nn.Module):
 
     def forward(self, dtype=torch.float32) -> torch.Tensor:
         """The dequantized weight [N, K] in `dtype`."""
-        if self.spec.fmt.name == "nvfp4":
-            from ..kernels.runtime import nvfp4_weight  # the kernels import this package
+        from ..kernels.runtime import kernel_weight_values  # the kernels import this package
 
-            values = nvfp4_weight(self, dtype)
-            if values is not None:
-                return values
+        values = kernel_weight_values(self, dtype)
+        if values is not None:
+            return values
         q = dict(self.named_buffers(recurse=False))
         q["codes"] = unpack_codes(q["codes"], self.spec.fmt.bits, self.k, signed=self._signed)
         return self._quantizer.dequantize(q).to(dtype)
